@@ -1,0 +1,92 @@
+"""The capture thread: source -> decode -> classify -> tally, supervised and restarted with backoff."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Iterable, Mapping
+
+from .classify import ServerSet, classify
+from .decode import decode_frame
+from .sources import Frame, Source, SourceError
+from .tally import Tally
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def count_frames(frames: Iterable[Frame], servers: ServerSet,
+                 port_labels: Mapping[tuple[int, int], str]) -> tuple[dict, dict]:
+    """Sum a batch: ((client, direction, protocol) -> [bytes, packets], ignore reason -> frames)."""
+    counts: dict = {}
+    ignored: dict = {}
+    for _timestamp, wire_length, link_type, data in frames:
+        decoded = decode_frame(link_type, data)
+        if decoded.__class__ is str:
+            ignored[decoded] = ignored.get(decoded, 0) + 1
+            continue
+        result = classify(decoded, servers, port_labels)
+        if result.__class__ is str:
+            ignored[result] = ignored.get(result, 0) + 1
+            continue
+        counter = counts.get(result)
+        if counter is None:
+            counts[result] = [wire_length, 1]
+        else:
+            counter[0] += wire_length
+            counter[1] += 1
+    return counts, ignored
+
+
+class Capture:
+    """Runs a source into the tally on a thread; on failure logs, reports and restarts with backoff."""
+
+    def __init__(self, open_source: Callable[[], Source], tally: Tally, servers: ServerSet,
+                 port_labels: Mapping[tuple[int, int], str], *, restart_on_error: bool = True):
+        self.open_source = open_source
+        self.tally = tally
+        self.servers = servers
+        self.port_labels = port_labels
+        self.restart_on_error = restart_on_error
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="capture", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout)
+
+    def run(self) -> None:
+        """Capture until stopped or until a non-looping replay ends."""
+        status = self.tally.status
+        stop = self.stop_event
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                source = self.open_source()
+                status.running, status.error = True, None
+                for batch in source.batches(stop):
+                    if batch:
+                        counts, ignored = count_frames(batch, self.servers, self.port_labels)
+                        self.tally.record(counts, ignored)
+                        backoff = 1.0
+                    else:
+                        self.tally.expire()
+                    status.kernel_dropped = source.kernel_dropped()
+                status.running = False
+                if source.kind == "pcap":
+                    return  # a replay that ran to its end is finished, not failed
+            except SourceError as error:
+                status.running, status.error = False, str(error)
+                log.error("capture stopped: %s", error)
+                if not self.restart_on_error:
+                    return
+            except Exception as error:  # a bug: keep serving, say so, try again
+                status.running, status.error = False, f"{type(error).__name__}: {error}"
+                log.exception("capture failed; restarting in %.0f s", backoff)
+            if stop.wait(backoff):
+                return
+            status.restarts += 1
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)

@@ -1,0 +1,78 @@
+"""Prometheus collector: reads the tally at scrape time and turns one snapshot into metric families."""
+from __future__ import annotations
+
+import platform
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .tally import RESULTS, Tally
+
+
+class TrafficCollector(Collector):
+    """Every ``traffic_*`` metric of the exporter, built from one consistent snapshot per scrape."""
+
+    def __init__(self, tally: Tally):
+        self.tally = tally
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.tally.snapshot()
+        labels = ["client", "direction", "protocol"]
+        client_bytes = CounterMetricFamily(
+            "traffic_client_bytes", "Bytes on the wire (frame length) exchanged with a client.", labels=labels)
+        client_packets = CounterMetricFamily(
+            "traffic_client_packets", "Frames exchanged with a client.", labels=labels)
+        for key, (nbytes, packets) in sorted(snapshot.series.items()):
+            client_bytes.add_metric(key, nbytes)
+            client_packets.add_metric(key, packets)
+        yield client_bytes
+        yield client_packets
+
+        frames = CounterMetricFamily(
+            "traffic_exporter_packets", "Captured frames by what the exporter did with them.", labels=["result"])
+        for result in RESULTS:
+            frames.add_metric([result], snapshot.results.get(result, 0))
+        yield frames
+
+        status = snapshot.status
+        yield CounterMetricFamily("traffic_exporter_kernel_dropped_packets",
+                                  "Frames the kernel dropped before the exporter could read them.",
+                                  value=status.kernel_dropped)
+        yield GaugeMetricFamily("traffic_exporter_capture_up", "1 while the capture is running, else 0.",
+                                value=1 if status.running else 0)
+        yield CounterMetricFamily("traffic_exporter_capture_restarts",
+                                  "Times the capture was restarted after an error.", value=status.restarts)
+        yield GaugeMetricFamily("traffic_exporter_tracked_clients", "Clients that currently have their own series.",
+                                value=snapshot.tracked_clients)
+        yield GaugeMetricFamily("traffic_exporter_max_clients",
+                                "Most clients with their own series (--max-clients); the rest count as 'other'.",
+                                value=snapshot.max_clients)
+        yield CounterMetricFamily("traffic_exporter_client_evictions",
+                                  "Clients whose series were removed after being idle.", value=snapshot.evictions)
+        info = GaugeMetricFamily("traffic_exporter_capture_info", "What the exporter captures (always 1).",
+                                 labels=["source", "interface", "filter"])
+        info.add_metric([status.source, status.interface, status.filter], 1)
+        yield info
+        yield _build_info()
+
+
+def _build_info() -> GaugeMetricFamily:
+    import scapy
+
+    build = GaugeMetricFamily("traffic_exporter_build_info", "Versions the exporter runs with (always 1).",
+                              labels=["version", "python_version", "scapy_version"])
+    build.add_metric([__version__, platform.python_version(), scapy.VERSION], 1)
+    return build
+
+
+def build_registry(tally: Tally) -> CollectorRegistry:
+    """A registry with the traffic collector and prometheus-client's process, platform and GC collectors."""
+    registry = CollectorRegistry()
+    registry.register(TrafficCollector(tally))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry

@@ -1,0 +1,187 @@
+"""One frozen configuration object, filled from CLI flags, then environment variables, then defaults."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .classify import DEFAULT_PORT_LABELS
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+REPLAY_SPEEDS = ("realtime", "max")
+OUTPUT_FORMATS = ("table", "json")
+
+
+class ConfigError(Exception):
+    """An invalid setting; the message names the flag and the accepted values."""
+
+
+@dataclass(frozen=True)
+class Config:
+    interface: Optional[str] = None
+    server_ips: tuple[str, ...] = ()
+    filter: str = ""
+    pcap: Optional[str] = None
+    replay_speed: str = "max"
+    loop: bool = False
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8000
+    history_seconds: int = 300
+    max_clients: int = 500
+    client_idle_seconds: int = 900
+    client_prefix_v4: int = 32
+    client_prefix_v6: int = 128
+    cors_origins: tuple[str, ...] = ("*",)
+    log_level: str = "info"
+    port_labels: dict = field(default_factory=lambda: dict(DEFAULT_PORT_LABELS))
+    # summarize only
+    output_format: str = "table"
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+    return parse
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text.lower()
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _server_ips(text: str) -> tuple[str, ...]:
+    specs = tuple(part.strip() for part in text.split(",") if part.strip())
+    for spec in specs:
+        try:
+            ipaddress.ip_network(spec, strict=False)
+        except ValueError:
+            raise ValueError("expected IP addresses or CIDR networks, comma-separated") from None
+    return specs
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, separator, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not separator or not host:
+            raise ValueError
+        ipaddress.ip_address(host)
+        number = int(port)
+        if not 1 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ValueError("expected ADDRESS:PORT, e.g. 0.0.0.0:8000 or [::]:8000") from None
+    return host, number
+
+
+def _text(text: str) -> str:
+    return text
+
+
+# dest, flags, parser, help; the environment variable is TRAFFIC_<DEST>
+SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
+    ("interface", ("--interface", "-i"), _text, "interface to capture on (default: the one holding the default route)"),
+    ("server_ip", ("--server-ip",), _server_ips,
+     "server address or CIDR network; repeatable or comma-separated (env SERVER_IP too)"),
+    ("filter", ("--filter",), _text, "BPF filter applied to the capture"),
+    ("pcap", ("--pcap",), _text, "replay this pcap/pcapng file instead of capturing live"),
+    ("replay_speed", ("--replay-speed",), _choice(REPLAY_SPEEDS), "pcap replay pace: realtime or max"),
+    ("loop", ("--loop",), _boolean, "replay the pcap file in a loop"),
+    ("listen", ("--listen",), _listen, "address and port to serve /metrics and the REST API on"),
+    ("history_seconds", ("--history-seconds",), _integer(10, 86400), "seconds of one-second history kept"),
+    ("max_clients", ("--max-clients",), _integer(0, 1_000_000), "clients with their own series; the rest is 'other'"),
+    ("client_idle_seconds", ("--client-idle-seconds",), _integer(1, 31 * 86400),
+     "evict a client's series after this many idle seconds"),
+    ("client_prefix_v4", ("--client-prefix-v4",), _integer(0, 32), "aggregate IPv4 clients into networks of this prefix"),
+    ("client_prefix_v6", ("--client-prefix-v6",), _integer(0, 128), "aggregate IPv6 clients into networks of this prefix"),
+    ("cors_origin", ("--cors-origin",), _text, "allowed CORS origins, comma-separated ('*' for any)"),
+    ("log_level", ("--log-level",), _choice(LOG_LEVELS), "logging level"),
+]
+SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
+                     if option[0] in ("server_ip", "max_clients", "client_prefix_v4", "client_prefix_v6", "log_level")]
+SUMMARIZE_OPTIONS.append(("output_format", ("--format",), _choice(OUTPUT_FORMATS), "table for people, json for programs"))
+FLAGS_WITHOUT_VALUE = {"loop"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise ConfigError(message)
+
+
+def build_parser(options, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    for dest, flags, _parse, help_text in options:
+        if dest in FLAGS_WITHOUT_VALUE:
+            parser.add_argument(*flags, dest=dest, action="store_const", const="true", help=help_text)
+        elif dest == "server_ip":
+            parser.add_argument(*flags, dest=dest, action="append", metavar="IP[/PREFIX]", help=help_text)
+        else:
+            parser.add_argument(*flags, dest=dest, help=help_text)
+    return parser
+
+
+def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[dict] = None,
+                 positional: Optional[str] = None, prog: str = "traffic-exporter") -> Config:
+    """Build the configuration: flag, else ``TRAFFIC_<FLAG>`` (or ``SERVER_IP``), else the default."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(options, prog, "Count a server's traffic per client, direction and protocol.")
+    if positional:
+        parser.add_argument(positional)
+    namespace = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    if positional:
+        values["pcap"] = getattr(namespace, positional)
+    for dest, flags, parse, _help in options:
+        raw = getattr(namespace, dest)
+        source = flags[0]
+        if dest == "server_ip" and raw is not None:
+            raw = ",".join(raw)
+        if raw is None:
+            env_name = f"TRAFFIC_{dest.upper()}"
+            raw = environ.get(env_name)
+            if raw is None and dest == "server_ip":
+                env_name = "SERVER_IP"
+                raw = environ.get(env_name)
+            source = f"{flags[0]} (from {env_name})"
+        if raw is None:
+            continue
+        try:
+            values[dest] = parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}; got {raw!r}") from None
+    return _to_config(values)
+
+
+def _to_config(values: dict[str, Any]) -> Config:
+    if "server_ip" in values:
+        values["server_ips"] = values.pop("server_ip")
+    if "listen" in values:
+        values["listen_host"], values["listen_port"] = values.pop("listen")
+    if "cors_origin" in values:
+        values["cors_origins"] = tuple(o.strip() for o in values.pop("cors_origin").split(",") if o.strip()) or ("*",)
+    return Config(**values)

@@ -1,0 +1,49 @@
+"""Config: flags, then TRAFFIC_* / SERVER_IP environment, then defaults; errors name the flag."""
+import pytest
+
+from exporter.config import Config, ConfigError, parse_config
+
+
+def test_defaults():
+    config = parse_config([], environ={})
+    assert config == Config()
+    assert config.listen == "0.0.0.0:8000" and config.history_seconds == 300 and config.max_clients == 500
+
+
+def test_flags_win_over_environment():
+    config = parse_config(["--max-clients", "7", "--server-ip", "192.0.2.1", "--server-ip", "2001:db8::/64,10.0.0.1"],
+                          environ={"TRAFFIC_MAX_CLIENTS": "9", "SERVER_IP": "198.51.100.1"})
+    assert config.max_clients == 7
+    assert config.server_ips == ("192.0.2.1", "2001:db8::/64", "10.0.0.1")
+
+
+def test_environment_fills_what_flags_leave_out():
+    config = parse_config([], environ={"SERVER_IP": "192.0.2.1, 192.0.2.2", "TRAFFIC_LISTEN": "[::1]:9100",
+                                       "TRAFFIC_LOOP": "yes", "TRAFFIC_REPLAY_SPEED": "realtime",
+                                       "TRAFFIC_CORS_ORIGIN": "https://a.example,https://b.example"})
+    assert config.server_ips == ("192.0.2.1", "192.0.2.2")
+    assert (config.listen_host, config.listen_port, config.listen) == ("::1", 9100, "[::1]:9100")
+    assert config.loop and config.replay_speed == "realtime"
+    assert config.cors_origins == ("https://a.example", "https://b.example")
+
+
+def test_traffic_server_ip_wins_over_seed_name():
+    assert parse_config([], environ={"TRAFFIC_SERVER_IP": "192.0.2.9", "SERVER_IP": "192.0.2.1"}).server_ips == \
+        ("192.0.2.9",)
+
+
+@pytest.mark.parametrize("argv, environ, message", [
+    (["--max-clients", "many"], {}, "--max-clients: expected an integer from 0 to 1000000; got 'many'"),
+    (["--history-seconds", "0"], {}, "--history-seconds: expected an integer from 10 to 86400"),
+    (["--client-prefix-v4", "33"], {}, "--client-prefix-v4: expected an integer from 0 to 32"),
+    (["--replay-speed", "fast"], {}, "--replay-speed: expected one of realtime, max"),
+    (["--listen", "8000"], {}, "--listen: expected ADDRESS:PORT"),
+    (["--listen", "0.0.0.0:70000"], {}, "--listen: expected ADDRESS:PORT"),
+    ([], {"SERVER_IP": "192.0.2.300"}, "--server-ip (from SERVER_IP): expected IP addresses or CIDR networks"),
+    ([], {"TRAFFIC_LOOP": "maybe"}, "--loop (from TRAFFIC_LOOP): expected true or false"),
+    (["--log-level", "loud"], {}, "--log-level: expected one of debug, info, warning, error"),
+])
+def test_invalid_values_name_the_flag_and_accepted_values(argv, environ, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        parse_config(argv, environ=environ)
+    assert str(error.value).startswith(message)

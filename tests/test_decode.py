@@ -1,0 +1,218 @@
+"""decode_frame: agreement with Scapy's dissection, edge cases, and no exception on any input."""
+import ipaddress
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, IPOption_Timestamp
+from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+                                IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.ipsec import AH
+from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, Loopback
+from scapy.packet import Raw
+
+from exporter.decode import MALFORMED, NOT_IP, Decoded, decode_frame, supported_link_types
+
+EXTENSION_LAYERS = (IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, AH)
+NEXT_HEADER_LAYERS = {0: IPv6ExtHdrHopByHop, 43: IPv6ExtHdrRouting, 60: IPv6ExtHdrDestOpt, 44: IPv6ExtHdrFragment,
+                      51: AH, 6: TCP, 17: UDP}
+
+
+def random_address(rng: random.Random, version: int) -> str:
+    bits = 32 if version == 4 else 128
+    return str(ipaddress.ip_address(rng.getrandbits(bits)) if version == 4 else ipaddress.IPv6Address(rng.getrandbits(bits)))
+
+
+def random_transport(rng: random.Random, version: int):
+    kind = rng.choice(["tcp", "udp", "icmp", "other"])
+    sport, dport = rng.randrange(65536), rng.choice([20, 21, 22, 53, 80, 443, 8080, rng.randrange(65536)])
+    payload = Raw(bytes(rng.randrange(256) for _ in range(rng.randrange(40))))
+    if kind == "tcp":
+        return TCP(sport=sport, dport=dport) / payload
+    if kind == "udp":
+        return UDP(sport=sport, dport=dport) / payload
+    if kind == "icmp":
+        return (ICMP() if version == 4 else ICMPv6EchoRequest()) / payload
+    return payload
+
+
+def random_network(rng: random.Random):
+    version = rng.choice([4, 6])
+    src, dst = random_address(rng, version), random_address(rng, version)
+    transport = random_transport(rng, version)
+    if version == 4:
+        options = rng.choice([[], [IPOption_NOP()] * 4, [IPOption_RR()], [IPOption_Timestamp(flg=0)]])
+        frag = rng.choice([0, 0, 0, rng.randrange(1, 8192)])
+        ip = IP(src=src, dst=dst, options=options, frag=frag, flags=rng.choice([0, 1, 2]))
+        if not transport.haslayer(TCP) and not transport.haslayer(UDP) and not transport.haslayer(ICMP):
+            ip.proto = rng.choice([47, 50, 132])
+        return ip / transport
+    ip = IPv6(src=src, dst=dst)
+    chain = rng.sample([IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, IPv6ExtHdrFragment, AH],
+                       rng.randrange(4))
+    packet = ip
+    for layer in chain:
+        if layer is IPv6ExtHdrFragment:
+            header = IPv6ExtHdrFragment(offset=rng.choice([0, 0, rng.randrange(1, 8192)]), m=rng.randrange(2))
+        elif layer is AH:
+            icv = rng.choice([4, 12])
+            header = AH(spi=rng.randrange(1, 2**32), icv=bytes(icv), payloadlen=(12 + icv) // 4 - 2)
+        else:
+            header = layer()
+        packet = packet / header
+    if not transport.haslayer(TCP) and not transport.haslayer(UDP) and not transport.haslayer(ICMPv6EchoRequest):
+        packet.lastlayer().nh = rng.choice([47, 50, 59, 132])
+    return packet / transport
+
+
+def random_frame(rng: random.Random) -> tuple[int, bytes]:
+    network = random_network(rng)
+    ethertype = 0x0800 if network.haslayer(IP) and not network.haslayer(IPv6) else 0x86DD
+    version = 4 if ethertype == 0x0800 else 6
+    link = rng.choice(["ether", "vlan", "qinq", "sll", "sll2", "null", "raw", "raw_family"])
+    if link == "ether":
+        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / network)
+    if link == "vlan":
+        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=rng.randrange(4096)) / network)
+    if link == "qinq":
+        tags = Dot1AD(vlan=rng.randrange(4096)) / Dot1Q(vlan=rng.randrange(4096))
+        if rng.random() < 0.5:
+            tags = tags / Dot1Q(vlan=rng.randrange(4096))
+        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / tags / network)
+    if link == "sll":
+        return 113, bytes(CookedLinux(pkttype=rng.randrange(5), proto=ethertype) / network)
+    if link == "sll2":
+        return 276, bytes(CookedLinuxV2(pkttype=rng.randrange(5), proto=ethertype) / network)
+    if link == "null":
+        family = 2 if version == 4 else rng.choice([24, 28, 30])
+        order = rng.choice(["little", "big"])
+        return 0, family.to_bytes(4, order) + bytes(network)
+    if link == "raw":
+        return rng.choice([12, 14, 101]), bytes(network)
+    return (228 if version == 4 else 229), bytes(network)
+
+
+def scapy_view(link_type: int, data: bytes):
+    """The oracle: Scapy's dissection reduced to (src, dst, transport protocol, sport, dport)."""
+    if link_type == 1:
+        packet = Ether(data)
+    elif link_type == 113:
+        packet = CookedLinux(data)
+    elif link_type == 276:
+        packet = CookedLinuxV2(data)
+    elif link_type == 0:
+        family = int.from_bytes(data[:4], "little")
+        family = family if family <= 0xFFFF else int.from_bytes(data[:4], "big")
+        packet = IP(data[4:]) if family == 2 else IPv6(data[4:])
+    elif link_type == 229 or (link_type in (12, 14, 101) and data[0] >> 4 == 6):
+        packet = IPv6(data)
+    else:
+        packet = IP(data)
+    ip = packet
+    while not isinstance(ip, (IP, IPv6)):  # the outermost IP header
+        ip = ip.payload
+    if isinstance(ip, IP):
+        if ip.frag:
+            return ip.src, ip.dst, ip.proto, -1, -1
+        layer, proto = ip.payload, ip.proto
+    else:
+        layer, proto = ip.payload, ip.nh
+        while isinstance(layer, EXTENSION_LAYERS):
+            proto = layer.nh
+            if isinstance(layer, IPv6ExtHdrFragment) and layer.offset:
+                return ip.src, ip.dst, proto, -1, -1
+            if isinstance(layer, AH):
+                # Scapy stops dissecting after AH inside IPv6; dissect what follows by its next header.
+                layer = NEXT_HEADER_LAYERS.get(proto, Raw)(bytes(layer.payload))
+                continue
+            layer = layer.payload
+    if isinstance(layer, (TCP, UDP)):
+        return ip.src, ip.dst, proto, layer.sport, layer.dport
+    return ip.src, ip.dst, proto, -1, -1
+
+
+def as_view(decoded: Decoded):
+    return (str(ipaddress.ip_address(decoded.src)), str(ipaddress.ip_address(decoded.dst)),
+            decoded.ip_proto, decoded.sport, decoded.dport)
+
+
+def test_decode_agrees_with_scapy_dissection_on_random_frames():
+    rng = random.Random(20261125)
+    kinds = set()
+    for _ in range(3000):
+        link_type, data = random_frame(rng)
+        decoded = decode_frame(link_type, data)
+        assert isinstance(decoded, Decoded), (link_type, data.hex())
+        expected = scapy_view(link_type, data)
+        assert as_view(decoded) == expected, (link_type, data.hex())
+        kinds.add((link_type, len(decoded.src), decoded.sport >= 0))
+    # the generator really covered every link type, both IP versions, with and without ports
+    assert {k[0] for k in kinds} == supported_link_types() - {108}
+    assert {(k[1], k[2]) for k in kinds} == {(4, True), (4, False), (16, True), (16, False)}
+
+
+def test_loop_link_type_reads_family_in_network_order():
+    data = (2).to_bytes(4, "big") + bytes(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=53, dport=4000))
+    assert as_view(decode_frame(108, data)) == ("192.0.2.1", "192.0.2.2", 17, 53, 4000)
+
+
+@pytest.mark.parametrize("link_type, data", [
+    (1, bytes(Ether() / Raw(b"\x00" * 40))[:12]),  # shorter than an Ethernet header
+    (1, bytes(Ether(type=0x0800) / Raw(b"\x45" + b"\x00" * 10))),  # IPv4 header cut short
+    (1, bytes(Ether(type=0x0800)) + bytes(IPv6())),  # IPv6 inside an IPv4 ethertype
+    (1, bytes(Ether() / Dot1Q())[:16]),  # VLAN tag cut short
+    (101, b""),
+    (101, b"\x50" + b"\x00" * 39),  # IP version 5
+    (228, bytes(IP(ihl=4) / TCP())),  # header length below 20
+    (228, bytes(IP(ihl=15))),  # header length beyond the data
+    (229, bytes(IPv6())[:39]),
+    (113, b"\x00" * 15),
+    (276, b"\x00" * 19),
+    (0, b"\x02\x00"),
+    (147, bytes(IP() / TCP())),  # a link type we do not decode
+])
+def test_undecodable_frames_are_malformed(link_type, data):
+    assert decode_frame(link_type, data) == MALFORMED
+
+
+@pytest.mark.parametrize("link_type, data", [
+    (1, bytes(Ether(type=0x0806) / Raw(b"\x00" * 28))),  # ARP
+    (1, bytes(Ether(type=0x05DC) / Raw(b"\x00" * 28))),  # 802.3 length field
+    (113, bytes(CookedLinux(proto=0x0004) / Raw(b"\x00" * 20))),
+    (0, (17).to_bytes(4, "little") + b"\x00" * 20),  # AF_IMPLINK
+])
+def test_frames_without_ip_are_not_ip(link_type, data):
+    assert decode_frame(link_type, data) == NOT_IP
+
+
+def test_truncated_transport_header_keeps_addresses_without_ports():
+    data = bytes(IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=1234, dport=80))[:20 + 19]
+    assert as_view(decode_frame(228, data)) == ("192.0.2.1", "192.0.2.2", 6, -1, -1)
+
+
+def test_extension_chain_running_past_the_data_keeps_addresses():
+    data = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop() / TCP())[:44]
+    assert as_view(decode_frame(229, data)) == ("2001:db8::1", "2001:db8::2", 0, -1, -1)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(link_type=st.sampled_from(sorted(supported_link_types()) + [2, 147]), data=st.binary(max_size=200))
+def test_random_bytes_never_raise(link_type, data):
+    result = decode_frame(link_type, data)
+    assert result in (MALFORMED, NOT_IP) or isinstance(result, Decoded)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(seed=st.integers(0, 2**32), mutations=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                                      max_size=8), cut=st.integers(0, 10**6))
+def test_mutated_real_frames_never_raise(seed, mutations, cut):
+    link_type, data = random_frame(random.Random(seed))
+    frame = bytearray(data)
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    frame = bytes(frame[:cut % (len(frame) + 1)])
+    result = decode_frame(link_type, frame)
+    assert result in (MALFORMED, NOT_IP) or isinstance(result, Decoded)
+    if isinstance(result, Decoded):
+        assert len(result.src) == len(result.dst) in (4, 16)

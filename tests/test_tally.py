@@ -1,0 +1,115 @@
+"""Tally: exact sums, bounded client table, idle eviction into 'other', prefix aggregation, buckets."""
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.tally import OTHER_CLIENT, Tally
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def packed(address):
+    return ipaddress.ip_address(address).packed
+
+
+def batch(*entries):
+    """entries: (address, direction, protocol, bytes, packets)"""
+    return {(packed(a), d, p): [b, n] for a, d, p, b, n in entries}
+
+
+def test_counts_series_per_client_direction_protocol():
+    tally = Tally()
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2), ("2001:db8::1", "out", "DNS", 60, 1)), {"not_ip": 3})
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 50, 1)), {"malformed": 1})
+    snapshot = tally.snapshot()
+    assert snapshot.series == {("198.51.100.7", "in", "HTTP"): (150, 3), ("2001:db8::1", "out", "DNS"): (60, 1)}
+    assert snapshot.results == {"counted": 4, "not_ip": 3, "not_server": 0, "internal": 0, "malformed": 1}
+    assert snapshot.frames == 8 and snapshot.tracked_clients == 2
+
+
+def test_clients_beyond_the_cap_count_as_other():
+    tally = Tally(max_clients=2)
+    tally.record(batch(*[(f"198.51.100.{i}", "in", "SSH", 10 * i, 1) for i in range(1, 5)]), {})
+    snapshot = tally.snapshot()
+    assert snapshot.tracked_clients == 2
+    assert snapshot.series[(OTHER_CLIENT, "in", "SSH")] == (30 + 40, 2)
+    assert sum(b for b, _ in snapshot.series.values()) == 100
+
+
+def test_idle_clients_are_evicted_into_other_keeping_the_total():
+    clock = FakeClock()
+    tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
+    tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5)), {})
+    clock.now += 61
+    tally.record(batch(("198.51.100.2", "out", "HTTP", 70, 1)), {})  # expiry runs first only once a second
+    snapshot = tally.snapshot()
+    assert ("198.51.100.1", "in", "HTTP") not in snapshot.series
+    assert snapshot.series[(OTHER_CLIENT, "in", "HTTP")] == (500, 5)
+    assert snapshot.evictions == 1
+    # the freed slot admits the next new client
+    tally.record(batch(("198.51.100.3", "in", "SSH", 9, 1)), {})
+    assert tally.snapshot().series[("198.51.100.3", "in", "SSH")] == (9, 1)
+
+
+def test_expire_without_traffic_evicts():
+    clock = FakeClock()
+    tally = Tally(client_idle_seconds=5, clock=clock)
+    tally.record(batch(("198.51.100.1", "in", "HTTP", 5, 1)), {})
+    clock.now += 6
+    tally.expire()
+    assert tally.snapshot().tracked_clients == 0
+
+
+def test_prefix_aggregation_labels_clients_by_network():
+    tally = Tally(client_prefix_v4=24, client_prefix_v6=48)
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 1, 1), ("198.51.100.200", "in", "HTTP", 2, 1),
+                       ("2001:db8:1:2::1", "out", "DNS", 4, 1)), {})
+    assert tally.snapshot().series == {("198.51.100.0/24", "in", "HTTP"): (3, 2),
+                                       ("2001:db8:1::/48", "out", "DNS"): (4, 1)}
+
+
+def test_take_bucket_returns_traffic_since_previous_call():
+    tally = Tally()
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2)), {})
+    assert tally.take_bucket() == {("198.51.100.7", "in", "HTTP"): [100, 2]}
+    assert tally.take_bucket() == {}
+    assert tally.snapshot().series[("198.51.100.7", "in", "HTTP")] == (100, 2)
+
+
+streams = st.lists(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["in", "out"]),
+                                      st.sampled_from(["HTTP", "DNS", "OTHER"]), st.integers(1, 1500),
+                                      st.integers(0, 30)), max_size=20), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(stream=streams, max_clients=st.integers(0, 10), idle=st.integers(1, 50))
+def test_invariants_hold_for_random_streams(stream, max_clients, idle):
+    clock = FakeClock()
+    tally = Tally(max_clients=max_clients, client_idle_seconds=idle, clock=clock)
+    total = 0
+    previous = {}
+    for frames in stream:
+        counts = {}
+        for host, direction, protocol, size, advance in frames:
+            key = (packed(f"10.0.0.{host}"), direction, protocol)
+            counts.setdefault(key, [0, 0])
+            counts[key][0] += size
+            counts[key][1] += 1
+            total += size
+            clock.now += advance / 10
+        tally.record(counts, {})
+        snapshot = tally.snapshot()
+        assert sum(b for b, _ in snapshot.series.values()) == total
+        assert snapshot.tracked_clients <= max_clients
+        assert len({key[0] for key in snapshot.series} - {OTHER_CLIENT}) <= max_clients
+        for key, (nbytes, packets) in snapshot.series.items():
+            if key in previous:  # a series that survives never goes down
+                assert nbytes >= previous[key][0] and packets >= previous[key][1]
+        previous = snapshot.series
