@@ -18,23 +18,30 @@ MAX_BACKOFF_SECONDS = 30.0
 def count_frames(frames: Iterable[Frame], servers: ServerSet,
                  port_labels: Mapping[tuple[int, int], str]) -> tuple[dict, dict]:
     """Sum a batch: ((client, direction, protocol) -> [bytes, packets], ignore reason -> frames)."""
+    # Sum per decoded header first (equal headers decode to equal tuples, ignore reasons to equal
+    # strings), then classify each distinct one once: a batch holds far fewer flows than frames.
+    flows: dict = {}
+    for _timestamp, wire_length, link_type, data in frames:
+        key = decode_frame(link_type, data)
+        flow = flows.get(key)
+        if flow is None:
+            flows[key] = [wire_length, 1]
+        else:
+            flow[0] += wire_length
+            flow[1] += 1
     counts: dict = {}
     ignored: dict = {}
-    for _timestamp, wire_length, link_type, data in frames:
-        decoded = decode_frame(link_type, data)
-        if decoded.__class__ is str:
-            ignored[decoded] = ignored.get(decoded, 0) + 1
-            continue
-        result = classify(decoded, servers, port_labels)
+    for key, flow in flows.items():
+        result = key if key.__class__ is str else classify(key, servers, port_labels)
         if result.__class__ is str:
-            ignored[result] = ignored.get(result, 0) + 1
+            ignored[result] = ignored.get(result, 0) + flow[1]
             continue
         counter = counts.get(result)
         if counter is None:
-            counts[result] = [wire_length, 1]
+            counts[result] = flow
         else:
-            counter[0] += wire_length
-            counter[1] += 1
+            counter[0] += flow[0]
+            counter[1] += flow[1]
     return counts, ignored
 
 

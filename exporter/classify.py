@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Mapping, NamedTuple, Union
+from typing import Iterable, Mapping, Tuple, Union
 
 from .decode import IPPROTO_TCP, IPPROTO_UDP, Decoded
 
@@ -21,14 +21,8 @@ DEFAULT_PORT_LABELS: Mapping[tuple[int, int], str] = {
 }
 
 
-class Classified(NamedTuple):
-    """A counted frame: the client's packed address, ``in``/``out`` and the protocol label."""
-
-    client: bytes
-    direction: str
-    protocol: str
-
-
+# A counted flow: (client's packed address, "in" or "out", protocol label).
+Classified = Tuple[bytes, str, str]
 ClassifyResult = Union[Classified, str]
 
 
@@ -62,17 +56,17 @@ class ServerSet:
 def classify(decoded: Decoded, servers: ServerSet,
              port_labels: Mapping[tuple[int, int], str] = DEFAULT_PORT_LABELS) -> ClassifyResult:
     """Return client, direction and label of a decoded frame, or ``NOT_SERVER`` / ``INTERNAL``."""
-    src_is_server = decoded.src in servers
-    dst_is_server = decoded.dst in servers
+    src, dst, ip_proto, sport, dport = decoded
+    src_is_server = src in servers
+    dst_is_server = dst in servers
     if src_is_server == dst_is_server:
         return INTERNAL if src_is_server else NOT_SERVER
     if dst_is_server:
-        client, direction, server_port, client_port = decoded.src, IN, decoded.dport, decoded.sport
+        client, direction, server_port, client_port = src, IN, dport, sport
     else:
-        client, direction, server_port, client_port = decoded.dst, OUT, decoded.sport, decoded.dport
-    ip_proto = decoded.ip_proto
+        client, direction, server_port, client_port = dst, OUT, sport, dport
     label = port_labels.get((ip_proto, server_port)) or port_labels.get((ip_proto, client_port)) or OTHER
-    return Classified(client, direction, label)
+    return (client, direction, label)
 
 
 def protocol_labels(port_labels: Mapping[tuple[int, int], str]) -> tuple[str, ...]:

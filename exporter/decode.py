@@ -5,7 +5,7 @@ come back as ``MALFORMED`` and frames without an IP header as ``NOT_IP``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Tuple, Union
 
 NOT_IP = "not_ip"
 MALFORMED = "malformed"
@@ -39,16 +39,11 @@ IPV6_EXTENSION_HEADERS = frozenset((0, 43, 60))
 TRANSPORT_HEADER_LENGTH = {IPPROTO_TCP: 20, IPPROTO_UDP: 8}
 
 
-class Decoded(NamedTuple):
-    """Outermost IP header of a frame. Ports are -1 when the frame carries none we can read."""
-
-    src: bytes  # packed address, 4 or 16 bytes
-    dst: bytes
-    ip_proto: int  # transport protocol after IPv6 extension headers
-    sport: int
-    dport: int
-
-
+# The outermost IP header of a frame as a plain tuple (cheaper to build than a named one):
+# (src, dst, ip_proto, sport, dport) -- packed 4- or 16-byte addresses, the transport protocol after
+# IPv6 extension headers, and the ports, -1 when the frame carries none we can read.
+# Equal frames give equal tuples, so a batch can be summed per flow before classification.
+Decoded = Tuple[bytes, bytes, int, int, int]
 DecodeResult = Union[Decoded, str]
 
 
@@ -82,6 +77,11 @@ def _by_ethertype(ethertype: int, data: bytes, offset: int) -> DecodeResult:
 
 
 def _ethernet(data: bytes) -> DecodeResult:
+    # Fast path for the commonest frame, untagged IPv4 without options carrying TCP or UDP:
+    # same result as the general path, a few calls cheaper per frame.
+    if len(data) >= 42 and data[12:14] == b"\x08\x00" and data[14] == 0x45 \
+            and not (data[20] & 0x1F or data[21]) and (data[23] == 6 and len(data) >= 54 or data[23] == 17):
+        return (data[26:30], data[30:34], data[23], data[34] << 8 | data[35], data[36] << 8 | data[37])
     if len(data) < 14:
         return MALFORMED
     return _by_ethertype(data[12] << 8 | data[13], data, 14)
@@ -154,7 +154,7 @@ def _ipv4(data: bytes, offset: int) -> DecodeResult:
     dst = data[offset + 16:offset + 20]
     fragment_offset = (data[offset + 6] & 0x1F) << 8 | data[offset + 7]
     if fragment_offset:
-        return Decoded(src, dst, ip_proto, -1, -1)
+        return (src, dst, ip_proto, -1, -1)
     return _transport(data, offset + header_length, src, dst, ip_proto)
 
 
@@ -175,7 +175,7 @@ def _ipv6(data: bytes, offset: int) -> DecodeResult:
             if end < position + 8:
                 break
             if (data[position + 2] << 8 | data[position + 3]) >> 3:
-                return Decoded(src, dst, data[position], -1, -1)  # non-first fragment
+                return (src, dst, data[position], -1, -1)  # non-first fragment
             next_header, position = data[position], position + 8
         elif next_header == IPPROTO_AH:
             if end < position + 8:
@@ -184,15 +184,14 @@ def _ipv6(data: bytes, offset: int) -> DecodeResult:
         else:
             return _transport(data, position, src, dst, next_header)
     # The extension chain runs past the captured bytes: the IP header is sound, the ports unknown.
-    return Decoded(src, dst, next_header, -1, -1)
+    return (src, dst, next_header, -1, -1)
 
 
 def _transport(data: bytes, offset: int, src: bytes, dst: bytes, ip_proto: int) -> Decoded:
     minimum = TRANSPORT_HEADER_LENGTH.get(ip_proto)
     if minimum is None or len(data) < offset + minimum:
-        return Decoded(src, dst, ip_proto, -1, -1)
-    return Decoded(src, dst, ip_proto, data[offset] << 8 | data[offset + 1],
-                   data[offset + 2] << 8 | data[offset + 3])
+        return (src, dst, ip_proto, -1, -1)
+    return (src, dst, ip_proto, data[offset] << 8 | data[offset + 1], data[offset + 2] << 8 | data[offset + 3])
 
 
 _LINK_DECODERS = {

@@ -25,6 +25,8 @@ PCAP_MAGICS = {
 
 
 class Frame(NamedTuple):
+    """One captured frame. Readers on the hot path build plain tuples in this order: cheaper."""
+
     timestamp: float
     wire_length: int
     link_type: int
@@ -119,6 +121,7 @@ def _read_pcap(file, path: str) -> Iterator[list[Frame]]:
         position = 0
         end = len(buffer)
         batch: list[Frame] = []
+        append = batch.append
         while position + 16 <= end:
             seconds, fraction, captured, wire_length = unpack_from(buffer, position)
             if captured > MAX_RECORD:
@@ -126,12 +129,12 @@ def _read_pcap(file, path: str) -> Iterator[list[Frame]]:
             stop = position + 16 + captured
             if stop > end:
                 break
-            batch.append(Frame(seconds + fraction / units, wire_length or captured, link_type,
-                               buffer[position + 16:stop]))
+            append((seconds + fraction / units, wire_length or captured, link_type, buffer[position + 16:stop]))
             position = stop
             if len(batch) == BATCH_FRAMES:
                 yield batch
                 batch = []
+                append = batch.append
         if batch:
             yield batch
     if position != len(buffer):
@@ -160,7 +163,7 @@ def _read_pcapng(file, path: str) -> Iterator[list[Frame]]:
             check_link_type(meta.linktype, path)
             checked.add(meta.linktype)
         timestamp = ((meta.tshigh << 32) + meta.tslow) / meta.tsresol if meta.tsresol else 0.0
-        batch.append(Frame(timestamp, meta.wirelen or len(data), meta.linktype, data))
+        batch.append((timestamp, meta.wirelen or len(data), meta.linktype, data))
         if len(batch) == BATCH_FRAMES:
             yield batch
             batch = []
@@ -178,8 +181,8 @@ def _paced(batches: Iterator[list[Frame]], stop: threading.Event) -> Iterator[li
         pending: list[Frame] = []
         for frame in batch:
             if first is None:
-                first = frame.timestamp
-            delay = (frame.timestamp - first) - (time.monotonic() - started)
+                first = frame[0]
+            delay = (frame[0] - first) - (time.monotonic() - started)
             if delay > 0:
                 if pending:
                     yield pending

@@ -20,11 +20,11 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
     seen: collections.Counter = collections.Counter()
     read = 0
     for batch in source.batches(threading.Event()):
-        for frame in batch:
-            decoded = decode_frame(frame.link_type, frame.data)
+        for _timestamp, _wire_length, link_type, data in batch:
+            decoded = decode_frame(link_type, data)
             if decoded.__class__ is not str:
-                seen[decoded.src] += 1
-                seen[decoded.dst] += 1
+                seen[decoded[0]] += 1
+                seen[decoded[1]] += 1
         read += len(batch)
         if read >= frames:
             break

@@ -3,13 +3,12 @@ import ipaddress
 
 import pytest
 
-from exporter.classify import (DEFAULT_PORT_LABELS, INTERNAL, NOT_SERVER, OTHER, Classified, ServerSet, classify,
+from exporter.classify import (DEFAULT_PORT_LABELS, INTERNAL, NOT_SERVER, OTHER, ServerSet, classify,
                                protocol_labels)
-from exporter.decode import Decoded
 
 
 def frame(src, dst, proto=6, sport=-1, dport=-1):
-    return Decoded(ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed, proto, sport, dport)
+    return ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed, proto, sport, dport
 
 
 def packed(address):
@@ -21,12 +20,12 @@ SERVERS = ServerSet(["192.0.2.10", "2001:db8::/64"])
 
 def test_inbound_frame_belongs_to_its_source():
     assert classify(frame("198.51.100.7", "192.0.2.10", 6, 51000, 443), SERVERS) == \
-        Classified(packed("198.51.100.7"), "in", "HTTPS")
+        (packed("198.51.100.7"), "in", "HTTPS")
 
 
 def test_outbound_frame_belongs_to_its_destination():
     assert classify(frame("2001:db8::5", "2001:db8:1::9", 6, 22, 40000), SERVERS) == \
-        Classified(packed("2001:db8:1::9"), "out", "SSH")
+        (packed("2001:db8:1::9"), "out", "SSH")
 
 
 def test_frames_between_servers_are_internal_and_between_others_not_server():
@@ -36,14 +35,14 @@ def test_frames_between_servers_are_internal_and_between_others_not_server():
 
 def test_server_side_port_wins_over_client_side_port():
     # client uses source port 53 towards the server's HTTP port: the server side decides
-    assert classify(frame("198.51.100.7", "192.0.2.10", 6, 53, 80), SERVERS).protocol == "HTTP"
+    assert classify(frame("198.51.100.7", "192.0.2.10", 6, 53, 80), SERVERS)[2] == "HTTP"
     # the server answers from 8080 to a client port 22: still HTTP
-    assert classify(frame("192.0.2.10", "198.51.100.7", 6, 8080, 22), SERVERS).protocol == "HTTP"
+    assert classify(frame("192.0.2.10", "198.51.100.7", 6, 8080, 22), SERVERS)[2] == "HTTP"
 
 
 def test_client_side_port_used_when_server_port_is_unknown():
     # the server itself is the client of a DNS resolver: reply comes from port 53
-    assert classify(frame("198.51.100.53", "192.0.2.10", 17, 53, 40000), SERVERS).protocol == "DNS"
+    assert classify(frame("198.51.100.53", "192.0.2.10", 17, 53, 40000), SERVERS)[2] == "DNS"
 
 
 @pytest.mark.parametrize("proto, port, label", [
@@ -51,16 +50,16 @@ def test_client_side_port_used_when_server_port_is_unknown():
     (6, 22, "SSH"), (17, 53, "DNS"), (6, 53, "DNS"), (17, 80, OTHER), (17, 22, OTHER), (6, 5432, OTHER),
 ])
 def test_default_port_map(proto, port, label):
-    assert classify(frame("198.51.100.7", "192.0.2.10", proto, 60000, port), SERVERS).protocol == label
+    assert classify(frame("198.51.100.7", "192.0.2.10", proto, 60000, port), SERVERS)[2] == label
 
 
 def test_frames_without_ports_are_other():
-    assert classify(frame("198.51.100.7", "192.0.2.10", 1), SERVERS).protocol == OTHER
+    assert classify(frame("198.51.100.7", "192.0.2.10", 1), SERVERS)[2] == OTHER
 
 
 def test_custom_port_map_and_label_set():
     labels = {**DEFAULT_PORT_LABELS, (6, 5432): "POSTGRES"}
-    assert classify(frame("198.51.100.7", "192.0.2.10", 6, 60000, 5432), SERVERS, labels).protocol == "POSTGRES"
+    assert classify(frame("198.51.100.7", "192.0.2.10", 6, 60000, 5432), SERVERS, labels)[2] == "POSTGRES"
     assert protocol_labels(labels) == ("HTTP", "HTTPS", "FTP", "SSH", "DNS", "POSTGRES", "OTHER")
 
 
