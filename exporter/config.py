@@ -35,6 +35,7 @@ class Config:
     client_prefix_v6: int = 128
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
+    user: Optional[str] = None
     port_labels: dict = field(default_factory=lambda: dict(DEFAULT_PORT_LABELS))
     # summarize only
     output_format: str = "table"
@@ -103,6 +104,18 @@ def _text(text: str) -> str:
     return text
 
 
+def _user(text: str) -> Optional[str]:
+    import pwd
+
+    if not text:
+        return None  # an empty TRAFFIC_USER (e.g. from docker compose) means "stay as started"
+    try:
+        pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+    except KeyError:
+        raise ValueError("no such user on this system") from None
+    return text
+
+
 # dest, flags, parser, help; the environment variable is TRAFFIC_<DEST>
 SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("interface", ("--interface", "-i"), _text, "interface to capture on (default: the one holding the default route)"),
@@ -121,6 +134,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("client_prefix_v6", ("--client-prefix-v6",), _integer(0, 128), "aggregate IPv6 clients into networks of this prefix"),
     ("cors_origin", ("--cors-origin",), _text, "allowed CORS origins, comma-separated ('*' for any)"),
     ("log_level", ("--log-level",), _choice(LOG_LEVELS), "logging level"),
+    ("user", ("--user",), _user,
+     "after opening the capture socket, switch to this user, keeping only CAP_NET_RAW (like tcpdump -Z)"),
 ]
 SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
                      if option[0] in ("server_ip", "max_clients", "client_prefix_v4", "client_prefix_v6", "log_level")]
@@ -168,6 +183,8 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
                 env_name = "SERVER_IP"
                 raw = environ.get(env_name)
             source = f"{flags[0]} (from {env_name})"
+            if raw is not None and not raw.strip():
+                raw = None  # an empty variable (compose's ${VAR:-}) means "use the default"
         if raw is None:
             continue
         try:

@@ -47,3 +47,8 @@ def test_invalid_values_name_the_flag_and_accepted_values(argv, environ, message
     with pytest.raises(ConfigError, match=None) as error:
         parse_config(argv, environ=environ)
     assert str(error.value).startswith(message)
+
+
+def test_empty_environment_variables_mean_default():
+    config = parse_config([], environ={"TRAFFIC_INTERFACE": "", "SERVER_IP": "", "TRAFFIC_MAX_CLIENTS": " "})
+    assert config.interface is None and config.server_ips == () and config.max_clients == 500

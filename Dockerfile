@@ -1,0 +1,34 @@
+# traffic-exporter: captures the host's frames and serves /metrics and the legacy REST API on :8000.
+#
+# Runs as root on purpose: opening an AF_PACKET capture socket needs CAP_NET_RAW (and
+# SO_RCVBUFFORCE / promiscuous mode need CAP_NET_ADMIN). A non-root user in a container gets no
+# effective capabilities from `cap_add`, so a non-root default would make live capture fail.
+# Limit what root may do from outside instead: docker-compose.yml grants only NET_RAW and
+# NET_ADMIN on top of Docker's defaults. Replaying a pcap file (--pcap) needs no capture
+# privilege, so that mode can run as any user (`docker run --user ...`).
+#
+# Pinned to Debian bookworm: the libpcap0.8 package is named libpcap0.8t64 from trixie on.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# tcpdump: Scapy compiles BPF filters with `tcpdump -ddd`; libpcap: live capture and pcap files.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tcpdump libpcap0.8 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+
+# Dependencies first, so code changes do not invalidate this layer.
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY exporter/ exporter/
+COPY compat_api/ compat_api/
+
+EXPOSE 8000
+
+ENTRYPOINT ["python", "-m", "exporter"]
