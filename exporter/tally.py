@@ -165,3 +165,53 @@ class Tally:
             return TallySnapshot(series=series, results=dict(self._results),
                                  tracked_clients=len(self._clients), max_clients=self.max_clients,
                                  evictions=self._evictions, status=replace(self.status))
+
+    def export_state(self) -> dict:
+        """The cumulative counters as JSON-ready data, for ``--state-file``."""
+        with self._lock:
+            return {
+                "clients": {client: _counter_rows(entry) for client, entry in self._clients.items()},
+                "other": _counter_rows(self._other),
+                "results": dict(self._results),
+                "evictions": self._evictions,
+            }
+
+    def prepare_restore(self, state: Mapping) -> Callable[[], None]:
+        """Check counters saved by ``export_state``; return what adds them (beyond the cap: ``other``).
+
+        Raises ValueError (or KeyError/TypeError) on data of the wrong shape, changing nothing.
+        """
+        restored = {str(client): _rows_to_entry(rows) for client, rows in state["clients"].items()}
+        other = _rows_to_entry(state["other"])
+        results = {result: int(state["results"].get(result, 0)) for result in RESULTS}
+        evictions = int(state["evictions"])
+        return lambda: self._restore(restored, other, results, evictions)
+
+    def _restore(self, restored: dict, other: ClientTally, results: dict, evictions: int) -> None:
+        now = self.clock()
+        with self._lock:
+            for client, entry in restored.items():
+                target = self._clients.get(client)
+                if target is None and len(self._clients) < self.max_clients:
+                    target = self._clients[client] = ClientTally(now)
+                for (direction, protocol), (nbytes, packets) in entry.counters.items():
+                    (target or self._other).add(direction, protocol, nbytes, packets)
+            for (direction, protocol), (nbytes, packets) in other.counters.items():
+                self._other.add(direction, protocol, nbytes, packets)
+            for result, frames in results.items():
+                self._results[result] += frames
+            self._evictions += evictions
+
+
+def _counter_rows(entry: ClientTally) -> list:
+    return [[direction, protocol, nbytes, packets] for (direction, protocol), (nbytes, packets) in entry.counters.items()]
+
+
+def _rows_to_entry(rows) -> ClientTally:
+    entry = ClientTally(0.0)
+    for direction, protocol, nbytes, packets in rows:
+        if direction not in ("in", "out") or not isinstance(protocol, str) or int(nbytes) < 0 or int(packets) < 0:
+            raise ValueError(f"bad counter row {[direction, protocol, nbytes, packets]!r}")
+        entry.add(direction, protocol, int(nbytes), int(packets))
+    return entry
+
