@@ -13,36 +13,58 @@ from .tally import Tally
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 30.0
+FLOW_MEMO_SIZE = 65536
+
+
+class FrameCounter:
+    """Decodes, classifies and sums batches of frames, remembering how recent flows classified."""
+
+    def __init__(self, servers: ServerSet, port_labels: Mapping[tuple[int, int], str],
+                 memo_size: int = FLOW_MEMO_SIZE):
+        self.servers = servers
+        self.port_labels = port_labels
+        self.memo_size = memo_size
+        self._memo: dict = {}  # decoded header -> classify() result; cleared when full
+
+    def count(self, frames: Iterable[Frame]) -> tuple[dict, dict]:
+        """Sum a batch: ((client, direction, protocol) -> [bytes, packets], ignore reason -> frames)."""
+        # Sum per decoded header first (equal headers decode to equal tuples, ignore reasons to
+        # equal strings), then classify each distinct one: a batch holds far fewer flows than frames.
+        flows: dict = {}
+        get_flow = flows.get
+        for _timestamp, wire_length, link_type, data in frames:
+            key = decode_frame(link_type, data)
+            flow = get_flow(key)
+            if flow is None:
+                flows[key] = [wire_length, 1]
+            else:
+                flow[0] += wire_length
+                flow[1] += 1
+        memo = self._memo
+        if len(memo) + len(flows) > self.memo_size:
+            memo.clear()
+        counts: dict = {}
+        ignored: dict = {}
+        for key, flow in flows.items():
+            result = memo.get(key)
+            if result is None:
+                result = memo[key] = key if key.__class__ is str else classify(key, self.servers, self.port_labels)
+            if result.__class__ is str:
+                ignored[result] = ignored.get(result, 0) + flow[1]
+                continue
+            counter = counts.get(result)
+            if counter is None:
+                counts[result] = flow
+            else:
+                counter[0] += flow[0]
+                counter[1] += flow[1]
+        return counts, ignored
 
 
 def count_frames(frames: Iterable[Frame], servers: ServerSet,
                  port_labels: Mapping[tuple[int, int], str]) -> tuple[dict, dict]:
-    """Sum a batch: ((client, direction, protocol) -> [bytes, packets], ignore reason -> frames)."""
-    # Sum per decoded header first (equal headers decode to equal tuples, ignore reasons to equal
-    # strings), then classify each distinct one once: a batch holds far fewer flows than frames.
-    flows: dict = {}
-    for _timestamp, wire_length, link_type, data in frames:
-        key = decode_frame(link_type, data)
-        flow = flows.get(key)
-        if flow is None:
-            flows[key] = [wire_length, 1]
-        else:
-            flow[0] += wire_length
-            flow[1] += 1
-    counts: dict = {}
-    ignored: dict = {}
-    for key, flow in flows.items():
-        result = key if key.__class__ is str else classify(key, servers, port_labels)
-        if result.__class__ is str:
-            ignored[result] = ignored.get(result, 0) + flow[1]
-            continue
-        counter = counts.get(result)
-        if counter is None:
-            counts[result] = flow
-        else:
-            counter[0] += flow[0]
-            counter[1] += flow[1]
-    return counts, ignored
+    """Sum one batch (see ``FrameCounter.count``)."""
+    return FrameCounter(servers, port_labels).count(frames)
 
 
 class Capture:
@@ -52,8 +74,7 @@ class Capture:
                  port_labels: Mapping[tuple[int, int], str], *, restart_on_error: bool = True):
         self.open_source = open_source
         self.tally = tally
-        self.servers = servers
-        self.port_labels = port_labels
+        self.counter = FrameCounter(servers, port_labels)
         self.restart_on_error = restart_on_error
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.run, name="capture", daemon=True)
@@ -76,7 +97,7 @@ class Capture:
                 status.running, status.error = True, None
                 for batch in source.batches(stop):
                     if batch:
-                        counts, ignored = count_frames(batch, self.servers, self.port_labels)
+                        counts, ignored = self.counter.count(batch)
                         self.tally.record(counts, ignored)
                         backoff = 1.0
                     else:

@@ -161,14 +161,15 @@ def build_parser(options, prog: str, description: str) -> argparse.ArgumentParse
 
 
 def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[dict] = None,
-                 positional: Optional[str] = None, prog: str = "traffic-exporter") -> Config:
+                 positional: Optional[str] = None, prog: str = "traffic-exporter",
+                 defaults: Optional[dict] = None) -> Config:
     """Build the configuration: flag, else ``TRAFFIC_<FLAG>`` (or ``SERVER_IP``), else the default."""
     environ = os.environ if environ is None else environ
     parser = build_parser(options, prog, "Count a server's traffic per client, direction and protocol.")
     if positional:
         parser.add_argument(positional)
     namespace = parser.parse_args(list(argv))
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     if positional:
         values["pcap"] = getattr(namespace, positional)
     for dest, flags, parse, _help in options:

@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple, Protocol
 
 from .decode import supported_link_types
 
-BATCH_FRAMES = 1024
+BATCH_FRAMES = 4096
 READ_CHUNK = 1 << 22
 MAX_RECORD = 1 << 28  # no sane capture record is larger; beyond it the file is corrupt
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"

@@ -6,7 +6,7 @@ import ipaddress
 import threading
 from typing import Mapping, Optional
 
-from .capture import count_frames
+from .capture import FrameCounter
 from .classify import IN, ServerSet, protocol_labels
 from .decode import decode_frame
 from .sources import PcapSource
@@ -36,8 +36,9 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
 def summarize(source: PcapSource, servers: ServerSet, port_labels: Mapping[tuple[int, int], str],
               tally: Tally) -> dict:
     """Count every frame of ``source`` into ``tally`` and return the summary report."""
+    counter = FrameCounter(servers, port_labels)
     for batch in source.batches(threading.Event()):
-        tally.record(*count_frames(batch, servers, port_labels))
+        tally.record(*counter.count(batch))
     return report(tally, protocol_labels(port_labels), servers)
 
 

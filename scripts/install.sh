@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install what traffic-exporter needs on Debian/Ubuntu: system packages (as root) and a virtualenv in .venv.
+# Usage: sudo bash scripts/install.sh [--test]    (--test adds what the test suite needs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(python3 python3-venv tcpdump libpcap0.8 iproute2)
+if [ "${1:-}" = "--test" ]; then
+    # prometheus: promtool and a real server for the integration tests; tcpreplay: the benchmark;
+    # curl: live-capture clients; chromium: the dashboard page test
+    packages+=(prometheus curl tcpreplay chromium procps)
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+echo "installed: Debian packages ${packages[*]}; Python packages in $(pwd)/.venv"
