@@ -1,0 +1,227 @@
+"""The legacy REST API (DESIGN.md §6): ``/``, ``/traffic``, ``/protocols``, ``/traffic_history``.
+
+Every view is computed from one consistent copy of the history's one-second buckets.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+from flask import Flask, Response, jsonify, request
+from flask_cors import CORS
+from werkzeug.exceptions import BadRequest, HTTPException
+
+from exporter.classify import IN, OUT, protocol_labels
+from exporter.config import Config
+
+from .history import Bucket, History
+
+log = logging.getLogger(__name__)
+
+LIMIT_DEFAULT, LIMIT_MAX = 10, 1000
+TRAFFIC_SECONDS_DEFAULT = 300
+PROTOCOLS_SECONDS_DEFAULT = 300
+HISTORY_SECONDS_DEFAULT = 60
+MAX_DIGITS = 9  # longer numbers are out of every range; refusing them early keeps int() cheap
+
+LANDING_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>traffic-exporter</title></head>
+<body><h1>traffic-exporter</h1>
+<p>Counts the traffic of {servers} per client, direction and protocol.</p>
+<ul>
+<li><a href="metrics">/metrics</a> &mdash; Prometheus metrics</li>
+<li><a href="openapi.json">/openapi.json</a> &mdash; the REST API (OpenAPI 3)</li>
+<li><a href="dashboard">/dashboard</a> &mdash; dashboard</li>
+</ul></body></html>
+"""
+
+
+def create_app(state: History, config: Config) -> Flask:
+    """Build the Flask app serving the REST API from ``state`` (a History) under ``config``."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # keep the documented key order
+    CORS(app, origins=list(config.cors_origins), methods=["GET", "HEAD", "OPTIONS"])
+    labels = protocol_labels(config.port_labels)
+    history_max = config.history_seconds
+    spec = load_openapi(history_max)
+
+    @app.get("/")
+    def index() -> Response:
+        accept = request.accept_mimetypes
+        if accept.best_match(["application/json", "text/html"]) == "text/html":
+            servers = html.escape(", ".join(config.server_ips) or "the server")
+            response = Response(LANDING_PAGE.format(servers=servers), mimetype="text/html")
+        else:
+            response = jsonify(index_body(state, config))
+        response.vary.add("Accept")
+        return response
+
+    @app.get("/traffic")
+    def traffic() -> Response:
+        limit = int_param("limit", LIMIT_DEFAULT, LIMIT_MAX)
+        seconds = int_param("seconds", min(TRAFFIC_SECONDS_DEFAULT, history_max), history_max)
+        return jsonify(traffic_body(state.window(seconds), labels, limit))
+
+    @app.get("/protocols")
+    def protocols() -> Response:
+        seconds = int_param("seconds", min(PROTOCOLS_SECONDS_DEFAULT, history_max), history_max)
+        return jsonify(protocols_body(state.window(seconds), labels))
+
+    @app.get("/traffic_history")
+    def traffic_history() -> Response:
+        seconds = int_param("seconds", min(HISTORY_SECONDS_DEFAULT, history_max), history_max)
+        return jsonify(history_body(state.window(seconds), labels, seconds))
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        return jsonify(spec)
+
+    register_error_handlers(app)
+    return app
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every error with a JSON body; unexpected exceptions are logged and become a 500."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        response = jsonify({"error": http_error_text(error)})
+        response.status_code = error.code or 500
+        # keep the error's own headers, such as Allow on a 405
+        response.headers.extend((name, value) for name, value in error.get_headers()
+                                if name.lower() != "content-type")
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception) -> tuple[Response, int]:
+        log.exception("unexpected error answering %s %s", request.method, request.full_path)
+        return jsonify({"error": "internal server error"}), 500
+
+
+def http_error_text(error: HTTPException) -> str:
+    """The message of an HTTP error: ours for bad parameters, else the status phrase and path."""
+    if isinstance(error, BadRequest) and error.description and error.description != BadRequest.description:
+        return error.description
+    name = (error.name or "error").lower()
+    if error.code == 404:
+        return f"{name}: {request.path}"
+    if error.code == 405:
+        return f"{name}: {request.method} {request.path}"
+    return name
+
+
+def int_param(name: str, default: int, high: int, low: int = 1) -> int:
+    """The integer query parameter ``name`` in ``low..high``; absent means ``default``; else a 400."""
+    values = request.args.getlist(name)
+    if not values:
+        return default
+    text = values[0]
+    if len(values) == 1 and text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS:
+        value = int(text)
+        if low <= value <= high:
+            return value
+    once = " given once," if len(values) > 1 else ""
+    raise BadRequest(f"{name} must be{once} an integer from {low} to {high}")
+
+
+def load_openapi(history_seconds: int) -> dict:
+    """The packaged OpenAPI document with every ``seconds`` parameter bounded by the history length."""
+    text = resources.files(__package__).joinpath("openapi.json").read_text(encoding="utf-8")
+    spec = json.loads(text)
+    for parameter in spec.get("components", {}).get("parameters", {}).values():
+        if parameter.get("name") == "seconds":
+            schema = parameter["schema"]
+            schema["maximum"] = history_seconds
+            schema["default"] = min(schema.get("default", history_seconds), history_seconds)
+    return spec
+
+
+def index_body(state: History, config: Config) -> dict[str, Any]:
+    """``GET /``: liveness, server addresses and capture health."""
+    snapshot = state.tally.snapshot()
+    status = snapshot.status
+    return {
+        "message": "Backend (real capture) OK",
+        "time": time.time(),
+        "server_ip": config.server_ips[0] if config.server_ips else None,
+        "server_ips": list(config.server_ips),
+        "capture": {"running": status.running, "source": status.description, "error": status.error,
+                    "packets": snapshot.frames, "dropped": status.kernel_dropped},
+    }
+
+
+def traffic_body(buckets: Sequence[Bucket], labels: Sequence[str], limit: int) -> dict[str, Any]:
+    """``GET /traffic``: bytes per client over the window, biggest first."""
+    per_client: dict[str, dict[tuple[str, str], int]] = {}
+    for bucket in buckets:
+        for client, detail in bucket.clients.items():
+            sums = per_client.setdefault(client, {})
+            for key, nbytes in detail.items():
+                sums[key] = sums.get(key, 0) + nbytes
+    clients = [client_entry(client, sums, labels) for client, sums in per_client.items()]
+    clients.sort(key=lambda entry: (-entry["total"], entry["ip"]))
+    return {"window": len(buckets), "clients": clients[:limit], "generated_at": time.time()}
+
+
+def client_entry(client: str, sums: dict[tuple[str, str], int], labels: Sequence[str]) -> dict[str, Any]:
+    """One client of ``/traffic`` from its (direction, protocol) -> bytes sums."""
+    bytes_in = sum(nbytes for (direction, _), nbytes in sums.items() if direction == IN)
+    bytes_out = sum(nbytes for (direction, _), nbytes in sums.items() if direction == OUT)
+    protocols = dict.fromkeys(all_labels(labels, (protocol for _, protocol in sums)), 0)
+    for (_, protocol), nbytes in sums.items():
+        protocols[protocol] += nbytes
+    return {"ip": client, "bytes_in": bytes_in, "bytes_out": bytes_out, "total": bytes_in + bytes_out,
+            "protocols": protocols}
+
+
+def protocols_body(buckets: Sequence[Bucket], labels: Sequence[str]) -> dict[str, Any]:
+    """``GET /protocols``: bytes, packets and share per protocol label over the window."""
+    sums: dict[tuple[str, str], list[int]] = {}
+    for bucket in buckets:
+        for key, (nbytes, packets) in bucket.totals.items():
+            total = sums.setdefault(key, [0, 0])
+            total[0] += nbytes
+            total[1] += packets
+    rows = []
+    for label in all_labels(labels, (protocol for _, protocol in sums)):
+        bytes_in, packets_in = sums.get((IN, label), (0, 0))
+        bytes_out, packets_out = sums.get((OUT, label), (0, 0))
+        rows.append({"protocol": label, "bytes": bytes_in + bytes_out, "bytes_in": bytes_in,
+                     "bytes_out": bytes_out, "packets": packets_in + packets_out, "share": 0.0})
+    total_bytes = sum(row["bytes"] for row in rows)
+    for row in rows:
+        row["share"] = row["bytes"] / total_bytes if total_bytes else 0.0
+    rows.sort(key=lambda row: -row["bytes"])  # stable: equal rows keep the label order
+    return {"window": len(buckets), "protocols": rows, "total_bytes": total_bytes, "generated_at": time.time()}
+
+
+def history_body(buckets: Sequence[Bucket], labels: Sequence[str], seconds: int) -> dict[str, Any]:
+    """``GET /traffic_history``: one entry per second, oldest first."""
+    return {"seconds": seconds, "interval": 1, "buckets": [history_entry(bucket, labels) for bucket in buckets],
+            "generated_at": time.time()}
+
+
+def history_entry(bucket: Bucket, labels: Sequence[str]) -> dict[str, Any]:
+    """One second of ``/traffic_history``."""
+    bytes_in = bytes_out = packets = 0
+    protocols = dict.fromkeys(all_labels(labels, (protocol for _, protocol in bucket.totals)), 0)
+    for (direction, protocol), (nbytes, frames) in bucket.totals.items():
+        if direction == IN:
+            bytes_in += nbytes
+        else:
+            bytes_out += nbytes
+        packets += frames
+        protocols[protocol] += nbytes
+    return {"timestamp": bucket.timestamp, "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "total": bytes_in + bytes_out, "packets": packets, "protocols": protocols}
+
+
+def all_labels(labels: Sequence[str], seen: Iterable[str]) -> list[str]:
+    """The configured labels in order, plus any label found in the data (none, normally)."""
+    known = list(labels)
+    extra = sorted(set(seen) - set(known))
+    return known + extra
