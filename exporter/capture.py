@@ -12,6 +12,7 @@ from .tally import Tally
 
 log = logging.getLogger(__name__)
 
+INITIAL_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 FLOW_MEMO_SIZE = 65536
 
@@ -90,7 +91,7 @@ class Capture:
         """Capture until stopped or until a non-looping replay ends."""
         status = self.tally.status
         stop = self.stop_event
-        backoff = 1.0
+        backoff = INITIAL_BACKOFF_SECONDS
         while not stop.is_set():
             try:
                 source = self.open_source()
@@ -99,7 +100,7 @@ class Capture:
                     if batch:
                         counts, ignored = self.counter.count(batch)
                         self.tally.record(counts, ignored)
-                        backoff = 1.0
+                        backoff = INITIAL_BACKOFF_SECONDS
                     else:
                         self.tally.expire()
                     status.kernel_dropped = source.kernel_dropped()

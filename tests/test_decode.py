@@ -1,6 +1,8 @@
 """decode_frame: agreement with Scapy's dissection, edge cases, and no exception on any input."""
 import ipaddress
+import pathlib
 import random
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,9 @@ from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from exporter.decode import MALFORMED, NOT_IP, decode_frame, supported_link_types
+from exporter.sources import PcapSource, SourceError
 
+CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
 EXTENSION_LAYERS = (IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, AH)
 NEXT_HEADER_LAYERS = {0: IPv6ExtHdrHopByHop, 43: IPv6ExtHdrRouting, 60: IPv6ExtHdrDestOpt, 44: IPv6ExtHdrFragment,
                       51: AH, 6: TCP, 17: UDP}
@@ -220,3 +224,30 @@ def test_mutated_real_frames_never_raise(seed, mutations, cut):
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
     if is_decoded(result):
         assert len(result[0]) == len(result[1]) in (4, 16)
+
+
+def corpus_frames():
+    frames = []
+    for path in sorted(CORPUS.iterdir()):
+        try:
+            for batch in PcapSource(str(path)).batches(threading.Event()):
+                frames.extend((link_type, data) for _, _, link_type, data in batch[:200])
+        except SourceError:
+            pass  # a truncated fuzz file: the frames read before the error are kept
+    return frames
+
+
+CORPUS_FRAMES = corpus_frames()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(index=st.integers(0, len(CORPUS_FRAMES) - 1),
+       mutations=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.integers(0, 10**6))
+def test_mutated_corpus_frames_never_raise(index, mutations, cut):
+    link_type, data = CORPUS_FRAMES[index]
+    frame = bytearray(data) or bytearray(1)
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    result = decode_frame(link_type, bytes(frame[:cut % (len(frame) + 1)]))
+    assert result in (MALFORMED, NOT_IP) or is_decoded(result)

@@ -1,0 +1,70 @@
+"""An address flood: one million distinct clients keep series, history and memory bounded, totals exact."""
+import json
+import struct
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.exporter_process import get, running_exporter
+
+pytestmark = pytest.mark.integration
+
+FRAMES = 1_000_000
+MAX_CLIENTS = 500
+RSS_LIMIT_KIB = 250 * 1024
+SERVER = bytes([192, 0, 2, 1])
+
+
+def write_flood_pcap(path) -> int:
+    """One UDP frame from each of FRAMES distinct IPv4 sources to the server; return the total bytes."""
+    ether = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
+    udp = struct.pack("!HHHH", 40000, 53, 8, 0)
+    record = struct.Struct("<IIII")
+    with open(path, "wb") as out:
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        chunk = []
+        for index in range(FRAMES):
+            source = (0x0A000000 + index).to_bytes(4, "big")  # 10.0.0.0 upwards, all distinct
+            ip = b"\x45\x00\x00\x1c\x00\x00\x00\x00\x40\x11\x00\x00" + source + SERVER
+            frame = ether + ip + udp
+            chunk.append(record.pack(1_700_000_000 + index // 100_000, index % 100_000, len(frame), len(frame)) + frame)
+            if len(chunk) == 10_000:
+                out.write(b"".join(chunk))
+                chunk = []
+        out.write(b"".join(chunk))
+    return FRAMES * len(frame)
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def test_one_million_addresses_stay_bounded(tmp_path):
+    pcap = tmp_path / "flood.pcap"
+    total = write_flood_pcap(pcap)
+    args = ["--pcap", str(pcap), "--server-ip", "192.0.2.1", "--max-clients", str(MAX_CLIENTS),
+            "--log-level", "warning"]
+    with running_exporter(args) as (base, process):
+        deadline = time.monotonic() + 120
+        while True:
+            families = {f.name: f for f in text_string_to_metric_families(get(base + "/metrics").decode())}
+            counted = sum(s.value for s in families["traffic_exporter_packets"].samples)
+            if counted >= FRAMES or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        time.sleep(1.5)  # let the history tick take the last second
+        traffic = get(base + "/traffic?limit=1000&seconds=300")
+        rss = peak_rss_kib(process.pid)
+    assert counted == FRAMES
+    byte_series = families["traffic_client_bytes"].samples
+    clients = {s.labels["client"] for s in byte_series}
+    assert len(clients) == MAX_CLIENTS + 1 and "other" in clients
+    assert sum(s.value for s in byte_series) == total
+    tracked = families["traffic_exporter_tracked_clients"].samples[0].value
+    assert tracked == MAX_CLIENTS
+    body = json.loads(traffic)
+    assert len(body["clients"]) <= MAX_CLIENTS + 1
+    assert sum(c["total"] for c in body["clients"]) == total
+    assert rss < RSS_LIMIT_KIB, f"peak RSS {rss / 1024:.0f} MiB"

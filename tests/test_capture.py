@@ -1,0 +1,100 @@
+"""Capture: batch counting equals frame-by-frame classification; faults are logged, counted, restarted."""
+import ipaddress
+import logging
+import pathlib
+import random
+import time
+
+from exporter.capture import Capture, FrameCounter
+from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, classify
+from exporter.decode import decode_frame
+from exporter.sources import PcapSource
+from exporter.tally import Tally
+from tests.test_decode import random_frame
+
+CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
+
+
+def test_batch_counts_equal_frame_by_frame_classification():
+    rng = random.Random(7)
+    frames = [(0.0, rng.randrange(60, 1600), *random_frame(rng)) for _ in range(1000)]
+    frames += frames[:300]  # repeated flows, within the batch and across batches
+    decoded = [decode_frame(link, data) for _, _, link, data in frames]
+    servers = ServerSet({str(ipaddress.ip_address(d[0])) for d in decoded[:200] if not isinstance(d, str)})
+    expected_counts, expected_ignored = {}, {}
+    for (_, wire, _, _), key in zip(frames, decoded):
+        result = key if isinstance(key, str) else classify(key, servers, DEFAULT_PORT_LABELS)
+        if isinstance(result, str):
+            expected_ignored[result] = expected_ignored.get(result, 0) + 1
+        else:
+            counter = expected_counts.setdefault(result, [0, 0])
+            counter[0] += wire
+            counter[1] += 1
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, memo_size=400)  # small: the memo gets cleared
+    counts, ignored = {}, {}
+    for start in range(0, len(frames), 256):
+        batch_counts, batch_ignored = counter.count(frames[start:start + 256])
+        for key, (nbytes, packets) in batch_counts.items():
+            total = counts.setdefault(key, [0, 0])
+            total[0] += nbytes
+            total[1] += packets
+        for reason, number in batch_ignored.items():
+            ignored[reason] = ignored.get(reason, 0) + number
+    assert counts == expected_counts and ignored == expected_ignored
+    assert len(counts) > 100 and set(ignored) >= {"not_server"}
+
+
+class FailingOnce:
+    """A real pcap source whose first replay raises in the middle, as a bug in the path would."""
+
+    kind = "pcap"
+
+    def __init__(self, path):
+        self.inner = PcapSource(str(path))
+        self.name = self.inner.name
+        self.failed = False
+
+    def kernel_dropped(self):
+        return 0
+
+    def batches(self, stop):
+        for batch in self.inner.batches(stop):
+            if not self.failed:
+                self.failed = True
+                yield batch[:1]
+                raise RuntimeError("injected fault")
+            yield batch
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatch):
+    monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
+    tally = Tally()
+    source = FailingOnce(CORPUS / "afs.pcap")
+    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS)
+    with caplog.at_level(logging.ERROR):
+        capture.start()
+        wait_for(lambda: not capture.thread.is_alive())
+    snapshot = tally.snapshot()
+    assert snapshot.status.restarts == 1
+    assert "injected fault" in caplog.text and "Traceback" in caplog.text
+    # the restart replayed the whole file after the single frame counted before the fault
+    assert snapshot.frames == 601 + 1
+    assert snapshot.status.error is None and not snapshot.status.running
+
+
+def test_stop_interrupts_a_realtime_replay_quickly():
+    tally = Tally()
+    source = PcapSource(str(CORPUS / "afs.pcap"), realtime=True, loop=True)
+    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS)
+    capture.start()
+    wait_for(lambda: tally.status.running)
+    started = time.monotonic()
+    capture.stop()
+    assert not capture.thread.is_alive() and time.monotonic() - started < 2
