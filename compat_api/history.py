@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from typing import Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from exporter.tally import OTHER_CLIENT, Tally
 
@@ -139,6 +139,40 @@ class History:
         with self._lock:
             start = max(0, len(self._buckets) - seconds)
             return list(itertools.islice(self._buckets, start, None))
+
+    def export_state(self) -> list:
+        """The buckets as JSON-ready rows, oldest first, for ``--state-file``."""
+        with self._lock:
+            return [[bucket.timestamp,
+                     [[direction, protocol, nbytes, packets]
+                      for (direction, protocol), (nbytes, packets) in bucket.totals.items()],
+                     {client: [[direction, protocol, nbytes] for (direction, protocol), nbytes in detail.items()]
+                      for client, detail in bucket.clients.items()}]
+                    for bucket in self._buckets]
+
+    def prepare_restore(self, rows: list) -> Callable[[], None]:
+        """Check buckets saved by ``export_state``; return what puts them back (before any new bucket).
+
+        Raises ValueError (or KeyError/TypeError) on data of the wrong shape, changing nothing.
+        """
+        buckets = []
+        for timestamp, totals, clients in rows:
+            bucket = Bucket(int(timestamp),
+                            {(str(d), str(p)): (int(b), int(n)) for d, p, b, n in totals},
+                            {str(client): {(str(d), str(p)): int(b) for d, p, b in detail}
+                             for client, detail in clients.items()})
+            if buckets and bucket.timestamp <= buckets[-1].timestamp:
+                raise ValueError("history buckets out of order")
+            buckets.append(bucket)
+
+        def apply() -> None:
+            with self._lock:
+                newer = list(self._buckets)
+                self._buckets.clear()
+                for bucket in buckets + newer:
+                    self._append(bucket)
+
+        return apply
 
     def __len__(self) -> int:
         with self._lock:

@@ -36,6 +36,8 @@ class Config:
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
     user: Optional[str] = None
+    state_file: Optional[str] = None
+    web_config: Optional[str] = None
     port_labels: dict = field(default_factory=lambda: dict(DEFAULT_PORT_LABELS))
     # summarize only
     output_format: str = "table"
@@ -134,6 +136,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("client_prefix_v6", ("--client-prefix-v6",), _integer(0, 128), "aggregate IPv6 clients into networks of this prefix"),
     ("cors_origin", ("--cors-origin",), _text, "allowed CORS origins, comma-separated ('*' for any)"),
     ("log_level", ("--log-level",), _choice(LOG_LEVELS), "logging level"),
+    ("state_file", ("--state-file",), _text, "save counters and history here every minute and at exit; restore at start"),
+    ("web_config", ("--web-config",), _text, "Prometheus-style web config file with basic_auth_users (bcrypt)"),
     ("user", ("--user",), _user,
      "after opening the capture socket, switch to this user, keeping only CAP_NET_RAW (like tcpdump -Z)"),
 ]

@@ -12,6 +12,7 @@ from scapy.layers.l2 import Ether
 
 from compat_api.history import MAX_BUCKET_CLIENTS, Bucket, History, compress
 from exporter.capture import count_frames
+from exporter.persistence import restore, save_state
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet
 from exporter.sources import Frame
 from exporter.tally import OTHER_CLIENT, Tally
@@ -264,3 +265,19 @@ def test_ticker_thread_appends_a_bucket_every_second():
     assert len(buckets) >= 2
     assert sum(bucket_bytes(b) for b in buckets) == sent
     assert buckets[-1].timestamp <= time.time() - 1
+
+
+def test_export_and_restore_round_trip_keeps_buckets_and_fills_the_gap(tmp_path):
+    tally = Tally()
+    saved = History(tally, 30)
+    tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [100, 1]}, {})
+    saved.tick(1000.5)
+    saved.tick(1001.5)
+    restored = History(Tally(), 30)
+    restored.tick(1004.5)
+    path = str(tmp_path / "state.json")
+    save_state(path, {"history": saved.export_state()})
+    assert restore(path, {"history": restored.prepare_restore})
+    stamps = [bucket.timestamp for bucket in restored.window(30)]
+    assert stamps == [999, 1000, 1001, 1002, 1003]  # saved seconds, a zero-filled gap, the new second
+    assert restored.window(30)[0].totals == {("in", "HTTP"): (100, 1)}
