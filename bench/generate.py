@@ -53,15 +53,16 @@ def build_frame(rng: random.Random, clients: int) -> bytes:
     return bytes(ether / network)
 
 
-def write_pcap(path: str, frames: int, clients: int = 2000, seed: int = 1) -> None:
-    """Write ``frames`` frames at 100k frames/s of capture time, deterministic for a given seed."""
+def write_pcap(path: str, frames: int, clients: int = 2000, seed: int = 1,
+               frames_per_second: int = 100_000) -> None:
+    """Write ``frames`` frames stamped ``frames_per_second`` apart, deterministic for a given seed."""
     rng = random.Random(seed)
     templates = [build_frame(rng, clients) for _ in range(TEMPLATES)]
     with open(path, "wb") as out:
         out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
         for index in range(frames):
             frame = templates[rng.randrange(TEMPLATES)]
-            seconds, micros = divmod(index * 10, 1_000_000)
+            seconds, micros = divmod(index * 1_000_000 // frames_per_second, 1_000_000)
             out.write(struct.pack("<IIII", 1_700_000_000 + seconds, micros, len(frame), len(frame)))
             out.write(frame)
 
