@@ -1,12 +1,18 @@
 """Command line: ``python -m exporter [serve] [flags]`` and ``python -m exporter summarize FILE``.
 
 This is the composition root: the only place that wires capture, tally, collector and the REST API.
+
+Exit status: 0 after SIGTERM/SIGINT; 2 when start-up is refused with one line on stderr (an invalid
+flag, an unknown interface or no default route, an invalid --filter, no capture privilege
+(CAP_NET_RAW), an unknown --user); 1 when a source cannot be read (e.g. a corrupt pcap).
+Once started, live capture never exits on capture errors: it reports them and restarts.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Optional, Sequence
@@ -14,12 +20,15 @@ from typing import Optional, Sequence
 from .capture import Capture
 from .classify import ServerSet
 from .config import SUMMARIZE_OPTIONS, Config, ConfigError, parse_config
+from .live import (CapturePermissionError, FilterError, InterfaceNotFound, LiveSource, default_interface,
+                   drop_privileges, server_addresses)
 from .sources import PcapSource, SourceError
 from .summarize import format_table, most_frequent_address, summarize
 from .tally import Tally
 
 log = logging.getLogger("exporter")
 PROG = "traffic-exporter"
+SUMMARIZE_MAX_CLIENTS = 1_000_000  # offline analysis lists every client unless told otherwise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,7 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = argv.pop(0) if argv and argv[0] in ("serve", "summarize") else "serve"
     try:
         if command == "summarize":
-            config = parse_config(argv, SUMMARIZE_OPTIONS, positional="file", prog=f"{PROG} summarize")
+            config = parse_config(argv, SUMMARIZE_OPTIONS, positional="file", prog=f"{PROG} summarize",
+                                  defaults={"max_clients": SUMMARIZE_MAX_CLIENTS})
             _setup_logging(config)
             return run_summarize(config)
         config = parse_config(argv)
@@ -56,6 +66,33 @@ def _servers_for_pcap(config: Config, source: PcapSource) -> ServerSet:
         return ServerSet([])
     log.info("no --server-ip given: using %s, the address seen most often in %s", guessed, source.name)
     return ServerSet([guessed])
+
+
+def _open_live(config: Config) -> tuple[LiveSource, ServerSet]:
+    """Open the capture socket and pick the server addresses; start-up problems become ConfigError."""
+    try:
+        interface = config.interface or default_interface()
+    except InterfaceNotFound as error:
+        raise ConfigError(f"--interface: {error}") from None
+    try:
+        source = LiveSource(interface, config.filter)
+    except FilterError as error:
+        raise ConfigError(f"--filter: {error}") from None
+    except InterfaceNotFound as error:
+        raise ConfigError(f"--interface: {error}") from None
+    except CapturePermissionError as error:
+        raise ConfigError(str(error)) from None
+    if config.server_ips:
+        servers = ServerSet(config.server_ips)
+    else:
+        servers = ServerSet(server_addresses(interface))
+        if not servers:
+            raise ConfigError(f"--server-ip: {interface} has no IPv4 or global IPv6 address to count traffic for; "
+                              f"give --server-ip")
+    log.info("live capture on %s%s, server addresses %s%s", interface,
+             "" if config.interface else " (holds the default route)", ", ".join(servers.addresses),
+             "" if config.server_ips else f" (those of {interface})")
+    return source, servers
 
 
 def _tally(config: Config, *, idle_seconds: Optional[float] = None) -> Tally:
@@ -86,15 +123,25 @@ def run_serve(config: Config) -> int:
     from compat_api.history import History
 
     from .collector import build_registry
+    from .demo import demo_config
 
-    if not config.pcap:
-        raise ConfigError("--pcap: live capture is not available yet; replay a file with --pcap FILE")
-    source = PcapSource(config.pcap, realtime=config.replay_speed == "realtime", loop=config.loop)
-    servers = _servers_for_pcap(config, source)
+    if config.demo:
+        config = demo_config(config)
+    if config.user and config.pcap:
+        raise ConfigError("--user: only applies to live capture (a pcap replay needs no privileges)")
+    if config.user and os.geteuid() != 0:
+        raise ConfigError("--user: switching users needs root; start as root or leave --user out")
+    if config.pcap:
+        source = PcapSource(config.pcap, realtime=config.replay_speed == "realtime", loop=config.loop)
+        servers = _servers_for_pcap(config, source)
+        open_source = lambda: source  # noqa: E731
+    else:
+        source, servers = _open_live(config)
+        open_source = source.open  # reopens the socket after an error (interface gone, then back)
     config = dataclasses.replace(config, server_ips=servers.addresses)
     tally = _tally(config)
     tally.status.source, tally.status.interface, tally.status.filter = source.kind, source.name, config.filter
-    capture = Capture(lambda: source, tally, servers, config.port_labels, restart_on_error=False)
+    capture = Capture(open_source, tally, servers, config.port_labels, restart_on_error=source.kind == "live")
     history = History(tally, config.history_seconds)
     app = DispatcherMiddleware(create_app(history, config),
                                {"/metrics": make_wsgi_app(build_registry(tally))})
@@ -105,6 +152,14 @@ def run_serve(config: Config) -> int:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         raise SystemExit(0)
 
+    if config.user:
+        # Late on purpose: the capture and listening sockets are open. The capture thread, started
+        # below from this thread, inherits CAP_NET_RAW; waitress's workers, already running, keep none.
+        try:
+            kept = drop_privileges(config.user)
+        except OSError as error:
+            raise ConfigError(f"--user: cannot switch to {config.user}: {error.strerror}") from None
+        log.info("switched to user %s%s", config.user, " keeping only CAP_NET_RAW" if kept else "")
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     capture.start()

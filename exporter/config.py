@@ -26,6 +26,7 @@ class Config:
     pcap: Optional[str] = None
     replay_speed: str = "max"
     loop: bool = False
+    demo: bool = False
     listen_host: str = "0.0.0.0"
     listen_port: int = 8000
     history_seconds: int = 300
@@ -127,6 +128,7 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("pcap", ("--pcap",), _text, "replay this pcap/pcapng file instead of capturing live"),
     ("replay_speed", ("--replay-speed",), _choice(REPLAY_SPEEDS), "pcap replay pace: realtime or max"),
     ("loop", ("--loop",), _boolean, "replay the pcap file in a loop"),
+    ("demo", ("--demo",), _boolean, "replay the bundled demo capture in a loop at its recorded pace (no root needed)"),
     ("listen", ("--listen",), _listen, "address and port to serve /metrics and the REST API on"),
     ("history_seconds", ("--history-seconds",), _integer(10, 86400), "seconds of one-second history kept"),
     ("max_clients", ("--max-clients",), _integer(0, 1_000_000), "clients with their own series; the rest is 'other'"),
@@ -144,7 +146,7 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
 SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
                      if option[0] in ("server_ip", "max_clients", "client_prefix_v4", "client_prefix_v6", "log_level")]
 SUMMARIZE_OPTIONS.append(("output_format", ("--format",), _choice(OUTPUT_FORMATS), "table for people, json for programs"))
-FLAGS_WITHOUT_VALUE = {"loop"}
+FLAGS_WITHOUT_VALUE = {"loop", "demo"}
 
 
 class _Parser(argparse.ArgumentParser):
