@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Iterable, Mapping
 
 from .classify import ServerSet, classify
@@ -96,14 +97,16 @@ class Capture:
             try:
                 source = self.open_source()
                 status.running, status.error = True, None
+                opened = time.monotonic()
                 for batch in source.batches(stop):
                     if batch:
                         counts, ignored = self.counter.count(batch)
                         self.tally.record(counts, ignored)
-                        backoff = INITIAL_BACKOFF_SECONDS
                     else:
                         self.tally.expire()
                     status.kernel_dropped = source.kernel_dropped()
+                    if time.monotonic() - opened > MAX_BACKOFF_SECONDS:
+                        backoff = INITIAL_BACKOFF_SECONDS  # it ran healthy for a while: restart fast
                 status.running = False
                 if source.kind == "pcap":
                     return  # a replay that ran to its end is finished, not failed

@@ -22,9 +22,11 @@ from .classify import ServerSet
 from .config import SUMMARIZE_OPTIONS, Config, ConfigError, parse_config
 from .live import (CapturePermissionError, FilterError, InterfaceNotFound, LiveSource, default_interface,
                    drop_privileges, server_addresses)
+from .persistence import PeriodicSaver, restore
 from .sources import PcapSource, SourceError
 from .summarize import format_table, most_frequent_address, summarize
 from .tally import Tally
+from .webauth import BasicAuthMiddleware, load_web_config
 
 log = logging.getLogger("exporter")
 PROG = "traffic-exporter"
@@ -145,8 +147,16 @@ def run_serve(config: Config) -> int:
     history = History(tally, config.history_seconds)
     app = DispatcherMiddleware(create_app(history, config),
                                {"/metrics": make_wsgi_app(build_registry(tally))})
-    server = waitress.create_server(app, host=config.listen_host, port=config.listen_port, threads=8,
-                                    ident=PROG)
+    if config.web_config:
+        app = BasicAuthMiddleware(app, load_web_config(config.web_config))
+    saver = _state_saver(config, tally, history)
+    # Under load waitress warns for every queued request; a full, unread log pipe would stall serving.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    try:
+        server = waitress.create_server(app, host=config.listen_host, port=config.listen_port, threads=8,
+                                        ident=PROG)
+    except OSError as error:
+        raise ConfigError(f"--listen: cannot listen on {config.listen}: {error.strerror}") from None
 
     def shut_down(signum, _frame):
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -164,6 +174,8 @@ def run_serve(config: Config) -> int:
     signal.signal(signal.SIGINT, shut_down)
     capture.start()
     history.start()
+    if saver:
+        saver.start()
     log.info("capturing %s:%s for servers %s; serving http://%s/metrics and the REST API",
              source.kind, source.name, ", ".join(servers.addresses), config.listen)
     try:
@@ -173,5 +185,18 @@ def run_serve(config: Config) -> int:
     finally:
         capture.stop()
         history.stop()
+        if saver:
+            saver.stop()
         server.close()
     return 0
+
+
+def _state_saver(config: Config, tally: Tally, history) -> Optional[PeriodicSaver]:
+    """Restore ``--state-file`` into the tally and history; return the saver that keeps it current."""
+    if not config.state_file:
+        return None
+    directory = os.path.dirname(os.path.abspath(config.state_file))
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"--state-file: cannot write in {directory}; pick a writable directory")
+    restore(config.state_file, {"tally": tally.prepare_restore, "history": history.prepare_restore})
+    return PeriodicSaver(config.state_file, lambda: {"tally": tally.export_state(), "history": history.export_state()})

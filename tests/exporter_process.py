@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 
 def free_port() -> int:
@@ -24,8 +24,10 @@ def get(url: str, timeout: float = 5.0) -> bytes:
 
 @contextlib.contextmanager
 def running_exporter(args: Sequence[str], *, command: Sequence[str] = (), ready_timeout: float = 20.0,
-                     **popen) -> Iterator[tuple[str, subprocess.Popen]]:
+                     ready_path: Optional[str] = "/metrics", **popen) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start ``python -m exporter ARGS --listen 127.0.0.1:PORT``; yield its base URL and process; always stop it.
+
+    Ready means ``ready_path`` answers; with None, that the port accepts connections (e.g. behind auth).
 
     Its output goes to a file, not a pipe: an unread pipe fills up and then blocks the server's logging.
     """
@@ -41,7 +43,10 @@ def running_exporter(args: Sequence[str], *, command: Sequence[str] = (), ready_
                     output.seek(0)
                     raise AssertionError(f"exporter exited with {process.returncode}: {output.read().decode()[-2000:]}")
                 try:
-                    get(base + "/metrics", timeout=1)
+                    if ready_path is None:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    else:
+                        get(base + ready_path, timeout=1)
                     break
                 except OSError:
                     if time.monotonic() > deadline:
