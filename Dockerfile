@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# tcpdump: Scapy compiles BPF filters with `tcpdump -ddd`; libpcap: live capture and pcap files.
+# libpcap: Scapy compiles --filter BPF programs with it; tcpdump: handy for debugging captures.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tcpdump libpcap0.8 \
     && rm -rf /var/lib/apt/lists/*

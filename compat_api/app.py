@@ -28,6 +28,10 @@ PROTOCOLS_SECONDS_DEFAULT = 300
 HISTORY_SECONDS_DEFAULT = 60
 MAX_DIGITS = 9  # longer numbers are out of every range; refusing them early keeps int() cheap
 
+# The dashboard loads its own script and style and talks only to this server.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                 "img-src 'self' data:; base-uri 'none'; form-action 'none'")
+
 LANDING_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>traffic-exporter</title></head>
 <body><h1>traffic-exporter</h1>
@@ -79,6 +83,13 @@ def create_app(state: History, config: Config) -> Flask:
     @app.get("/openapi.json")
     def openapi() -> Response:
         return jsonify(spec)
+
+    @app.get("/dashboard")
+    def dashboard() -> Response:
+        """The browser client of this API: compat_api/static/dashboard.{html,js,css}, served at /static/."""
+        response = app.send_static_file("dashboard.html")
+        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
+        return response
 
     register_error_handlers(app)
     return app

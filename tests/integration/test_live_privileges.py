@@ -10,29 +10,14 @@ import pytest
 
 from tests.integration.live_traffic import REPO_ROOT, NamespacedExporter, dns_in_bytes, send_udp
 from tests.integration.netns import namespace_pair, netns_unavailable_reason
+from tests.integration.unprivileged import NOBODY, unprivileged_wrapper
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(netns_unavailable_reason() is not None,
                                  reason=netns_unavailable_reason() or ""),
               pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")]
 
-NOBODY = 65534
 CAP_NET_RAW_MASK = 1 << 13
-
-
-def unprivileged_wrapper() -> list[str]:
-    """setpriv to nobody, without any capability that matters for capture.
-
-    When the interpreter lives where nobody may not look (e.g. pyenv under /root), CAP_DAC_READ_SEARCH
-    is passed along as an ambient capability so Python can start at all; it grants reading files,
-    nothing about sockets.
-    """
-    base = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    probe = subprocess.run([*base, sys.executable, "-c", "import exporter.cli, compat_api.app, waitress, scapy"],
-                           cwd=REPO_ROOT, capture_output=True, timeout=30)
-    if probe.returncode == 0:
-        return base
-    return [*base, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
 
 
 def run_exporter(pair, *args: str, wrapper: list[str] = ()) -> subprocess.CompletedProcess:
