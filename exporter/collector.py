@@ -25,7 +25,7 @@ class TrafficCollector(Collector):
             "traffic_client_bytes", "Bytes on the wire (frame length) exchanged with a client.", labels=labels)
         client_packets = CounterMetricFamily(
             "traffic_client_packets", "Frames exchanged with a client.", labels=labels)
-        for key, (nbytes, packets) in sorted(snapshot.series.items()):
+        for key, (nbytes, packets) in snapshot.series.items():
             client_bytes.add_metric(key, nbytes)
             client_packets.add_metric(key, packets)
         yield client_bytes

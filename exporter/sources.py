@@ -58,10 +58,12 @@ class PcapSource:
 
     kind = "pcap"
 
-    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False):
+    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False,
+                 batch_frames: int = BATCH_FRAMES):
         self.name = path
         self.realtime = realtime
         self.loop = loop
+        self.batch_frames = batch_frames
         self._open().close()  # fail at start-up, not in the capture thread, on a missing or foreign file
 
     def kernel_dropped(self) -> int:
@@ -70,7 +72,7 @@ class PcapSource:
     def batches(self, stop: threading.Event) -> Iterator[list[Frame]]:
         while True:
             with self._open() as file:
-                frames = _read_frames(file, self.name)
+                frames = _read_frames(file, self.name, self.batch_frames)
                 if self.realtime:
                     frames = _paced(frames, stop)
                 for batch in frames:
@@ -93,15 +95,15 @@ class PcapSource:
         return file
 
 
-def _read_frames(file, path: str) -> Iterator[list[Frame]]:
+def _read_frames(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
     if file.read(4) == PCAPNG_MAGIC:
         file.seek(0)
-        return _read_pcapng(file, path)
+        return _read_pcapng(file, path, batch_frames)
     file.seek(0)
-    return _read_pcap(file, path)
+    return _read_pcap(file, path, batch_frames)
 
 
-def _read_pcap(file, path: str) -> Iterator[list[Frame]]:
+def _read_pcap(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
     """Walk a classic pcap file in large chunks: far cheaper per frame than a record-at-a-time reader."""
     header = file.read(24)
     if len(header) < 24:
@@ -131,7 +133,7 @@ def _read_pcap(file, path: str) -> Iterator[list[Frame]]:
                 break
             append((seconds + fraction / units, wire_length or captured, link_type, buffer[position + 16:stop]))
             position = stop
-            if len(batch) == BATCH_FRAMES:
+            if len(batch) == batch_frames:
                 yield batch
                 batch = []
                 append = batch.append
@@ -141,7 +143,7 @@ def _read_pcap(file, path: str) -> Iterator[list[Frame]]:
         raise SourceError(f"{path}: truncated file (last record incomplete)")
 
 
-def _read_pcapng(file, path: str) -> Iterator[list[Frame]]:
+def _read_pcapng(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
     from scapy.error import Scapy_Exception
     from scapy.utils import RawPcapNgReader
 
@@ -164,7 +166,7 @@ def _read_pcapng(file, path: str) -> Iterator[list[Frame]]:
             checked.add(meta.linktype)
         timestamp = ((meta.tshigh << 32) + meta.tslow) / meta.tsresol if meta.tsresol else 0.0
         batch.append((timestamp, meta.wirelen or len(data), meta.linktype, data))
-        if len(batch) == BATCH_FRAMES:
+        if len(batch) == batch_frames:
             yield batch
             batch = []
     if file.tell() != os.fstat(file.fileno()).st_size:
