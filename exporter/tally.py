@@ -99,6 +99,7 @@ class Tally:
             for reason, frames in ignored.items():
                 results[reason] += frames
             clients, bucket, names = self._clients, self._bucket, self._names
+            counted = 0
             for (packed, direction, protocol), (nbytes, packets) in counts.items():
                 client = names.get(packed) or self._name(packed)
                 entry = clients.get(client)
@@ -108,8 +109,14 @@ class Tally:
                     else:
                         client, entry = OTHER_CLIENT, self._other
                 entry.last_seen = now
-                entry.add(direction, protocol, nbytes, packets)
-                results["counted"] += packets
+                counted += packets
+                # ClientTally.add and the bucket update, inlined: this loop runs per key per batch.
+                counter = entry.counters.get((direction, protocol))
+                if counter is None:
+                    entry.counters[(direction, protocol)] = [nbytes, packets]
+                else:
+                    counter[0] += nbytes
+                    counter[1] += packets
                 key = (client, direction, protocol)
                 counter = bucket.get(key)
                 if counter is None:
@@ -117,6 +124,7 @@ class Tally:
                 else:
                     counter[0] += nbytes
                     counter[1] += packets
+            results["counted"] += counted
             if now - self._last_expiry >= 1.0:
                 self._expire(now)
 
