@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 packages=(python3 python3-venv tcpdump libpcap0.8 iproute2)
 if [ "${1:-}" = "--test" ]; then
     # prometheus: promtool and a real server for the integration tests; tcpreplay: the benchmark;
-    # curl: live-capture clients; chromium, chromium-driver: the dashboard page test
-    packages+=(prometheus curl tcpreplay chromium chromium-driver procps)
+    # curl, iputils-ping: live-capture clients; chromium, chromium-driver: the dashboard page test
+    packages+=(prometheus curl iputils-ping tcpreplay chromium chromium-driver procps)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

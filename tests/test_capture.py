@@ -5,8 +5,14 @@ import pathlib
 import random
 import time
 
+from prometheus_client import generate_latest
+
+from compat_api.app import create_app
+from compat_api.history import History
 from exporter.capture import Capture, FrameCounter
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, classify
+from exporter.collector import build_registry
+from exporter.config import Config
 from exporter.decode import decode_frame
 from exporter.sources import PcapSource
 from exporter.tally import Tally
@@ -87,6 +93,9 @@ def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatc
     # the restart replayed the whole file after the single frame counted before the fault
     assert snapshot.frames == 601 + 1
     assert snapshot.status.error is None and not snapshot.status.running
+    # both readers still answer, and show the restart
+    assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally))
+    assert create_app(History(tally, 60), Config()).test_client().get("/").status_code == 200
 
 
 def test_stop_interrupts_a_realtime_replay_quickly():

@@ -2,6 +2,7 @@
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,9 +62,10 @@ def test_metrics_equal_summarize(pcap, server):
         assert check.returncode == 0 and check.stdout == b"" and check.stderr == b"", check
 
 
-def test_sigterm_stops_the_server_within_five_seconds():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_server_within_five_seconds(signum):
     with running_exporter(["--pcap", str(CORPUS / "afs.pcap"), "--loop"]) as (_base, process):
         started = time.monotonic()
-        process.terminate()
+        process.send_signal(signum)
         assert process.wait(5) == 0
         assert time.monotonic() - started < 5
