@@ -53,6 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SourceError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during start-up or a summarize run
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _setup_logging(config: Config) -> None:
