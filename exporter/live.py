@@ -1,13 +1,15 @@
-"""Live capture from a network interface through a raw AF_PACKET socket (see packet(7)).
+"""Live capture from a network interface through an AF_PACKET socket's TPACKET_V3 ring (packet(7),
+the kernel's Documentation/networking/packet_mmap.rst).
 
-Scapy finds the interface and its addresses and compiles the BPF filter (through libpcap); the
-socket itself is read here with plain ``recvmsg_into`` calls so the per-frame cost stays small.
-The kernel hands a packet socket frames that differ from what is on the wire in two ways, both
-undone here the way libpcap does it:
+Scapy finds the interface and its addresses and compiles the BPF filter (through libpcap). Frames
+are read from a ring shared with the kernel, as libpcap reads them: the kernel fills blocks of
+frames and hands a block over when it is full or after ``RING_RETIRE_MS``; one ``poll`` per block,
+not a system call per frame, keeps the per-frame cost small. The kernel hands a packet socket
+frames that differ from what is on the wire in two ways, both undone here the way libpcap does it:
 
-- VLAN tags stripped by the NIC or by veth arrive out of band, in a ``tpacket_auxdata`` control
-  message; the 4-byte tag is put back after the MAC addresses (and counted in the length).
-- GRO/TSO aggregates can be far larger than the MTU; a 256 KiB buffer holds them, and the frame's
+- VLAN tags stripped by the NIC or by veth arrive out of band, in the frame's ``tpacket3_hdr``;
+  the 4-byte tag is put back after the MAC addresses (and counted in the length).
+- GRO/TSO aggregates can be far larger than the MTU; a ring block holds them, and the frame's
   full length comes from ``tp_len`` whatever was copied.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import ctypes
 import errno
 import ipaddress
 import logging
+import mmap
 import os
 import pwd
 import re
@@ -33,28 +36,44 @@ from .sources import Frame, SourceError
 log = logging.getLogger(__name__)
 
 ANY_INTERFACE = "any"
-BATCH_FRAMES = 4096
 IDLE_SECONDS = 0.5
-COALESCE_SECONDS = 0.02
-RECEIVE_BUFFER = 1 << 18  # holds a 64 KiB GRO/TSO aggregate, and BIG TCP's larger ones
-SOCKET_BUFFER_BYTES = 256 << 20  # kernel queue; granted beyond net.core.rmem_max only with CAP_NET_ADMIN
+RING_BYTES = 128 << 20  # kernel memory mapped into the process; ~200k frames of 600 bytes
+RING_BLOCK_BYTES = 1 << 20  # one block -> one batch; larger than any GRO/TSO or BIG TCP aggregate
+MINIMUM_RING_BYTES = 4 << 20  # the smallest ring asked for when the kernel is short of memory
+RING_RETIRE_MS = 20  # a block is handed over after this long even if not full
 MAXIMUM_SNAPLEN = 262144  # libpcap's: a filter's "accept" never trims below this
 
-# <linux/if_ether.h>, <linux/if_packet.h>, <linux/socket.h>, <asm-generic/socket.h>
+# <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
 ETH_P_ALL = 0x0003
 ETH_P_8021Q = 0x8100
 SOL_PACKET = 263
+PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
-PACKET_AUXDATA = 8
+PACKET_VERSION = 10
+TPACKET_V3 = 2
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
-SO_RCVBUFFORCE = 33
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 0x1
 TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_VLAN_TPID_VALID = 0x40
-AUXDATA = struct.Struct("=IIIHHHH")  # tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_vlan_tci, tp_vlan_tpid
-TPACKET_STATS = struct.Struct("=II")  # tp_packets, tp_drops
+TPACKET_REQ3 = struct.Struct("=7I")  # block size, block count, frame size, frame count, retire ms, priv size, features
+TPACKET_STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cnt
+# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1 from offset 8
+BLOCK_STATUS = struct.Struct("=I")  # block_status, at BLOCK_STATUS_OFFSET
+BLOCK_STATUS_OFFSET = 8
+BLOCK_PACKETS = struct.Struct("=4xII")  # num_pkts, offset_to_first_pkt, from BLOCK_STATUS_OFFSET
+# struct tpacket3_hdr: tp_next_offset, (tp_sec, tp_nsec), tp_snaplen, tp_len, tp_status, tp_mac,
+# (tp_net, hv1.tp_rxhash), hv1.tp_vlan_tci; hv1.tp_vlan_tpid at 36; 48 bytes in all
+PACKET_HEADER = struct.Struct("=I8xIIIH6xI")
+VLAN_TPID = struct.Struct("=H")
+VLAN_TPID_OFFSET = 36
+# struct sockaddr_ll, at TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) after each frame's header:
+# (family), protocol (network order, kept as bytes), ifindex, hatype, pkttype, halen, address
+SOCKADDR_LL = struct.Struct("=2x2siHBB8s")
+SOCKADDR_LL_OFFSET = 48
 BPF_INSTRUCTION = struct.Struct("=HBBI")  # code, jt, jf, k
-SLL_HEADER = struct.Struct("!HHH8sH")  # pkttype, hatype, address length, address, protocol
+SLL_HEADER = struct.Struct("!HHH8s2s")  # pkttype, hatype, address length, address, protocol (network order)
 SLL_HEADER_LENGTH = 16
 
 # <linux/if_arp.h> hardware types -> what a SOCK_RAW socket delivers; other types are read cooked.
@@ -193,12 +212,11 @@ def default_interface() -> str:
     return name
 
 
-def parse_auxdata(data: bytes) -> tuple[int, Optional[tuple[int, int]]]:
-    """Read a ``tpacket_auxdata``: (frame length before any trimming, (VLAN TPID, TCI) or None)."""
-    status, length, _snaplen, _mac, _net, tci, tpid = AUXDATA.unpack_from(data)
-    if not (tci or status & TP_STATUS_VLAN_VALID):  # libpcap's VLAN_VALID
-        return length, None
-    return length, (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
+def vlan_tag(status: int, tci: int, tpid: int) -> Optional[tuple[int, int]]:
+    """The VLAN tag the kernel took out of a frame, as (TPID, TCI), or None; from ``tpacket3_hdr`` fields."""
+    if not (tci or status & TP_STATUS_VLAN_VALID):  # libpcap's VLAN_VALID: a nonzero TCI counts too
+        return None
+    return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
 
 
 def insert_vlan_tag(frame: bytes, offset: int, tpid: int, tci: int) -> bytes:
@@ -206,31 +224,77 @@ def insert_vlan_tag(frame: bytes, offset: int, tpid: int, tci: int) -> bytes:
     return frame[:offset] + struct.pack("!HH", tpid, tci) + frame[offset:]
 
 
-def sll_header(pkttype: int, hatype: int, address: bytes, protocol: int) -> bytes:
-    """The 16-byte LINKTYPE_LINUX_SLL header libpcap builds from a packet socket's sockaddr_ll."""
-    return SLL_HEADER.pack(pkttype, hatype, len(address), address[:8], protocol)
+def sll_header(pkttype: int, hatype: int, address_length: int, address: bytes, protocol: bytes) -> bytes:
+    """The 16-byte LINKTYPE_LINUX_SLL header libpcap builds from a packet socket's sockaddr_ll.
 
-
-def restore_frame(link_type: int, data: bytes, received: int, auxdata: Optional[bytes],
-                  address: tuple) -> tuple[int, bytes]:
-    """(wire length, frame bytes) as libpcap records them, from what one recvmsg returned.
-
-    ``received`` is recvmsg's result with MSG_TRUNC, ``auxdata`` the PACKET_AUXDATA payload and
-    ``address`` Python's sockaddr_ll tuple (interface, protocol, pkttype, hatype, hardware address).
-    Cooked frames get an SLL header; a VLAN tag the kernel stripped is put back (+4 bytes).
+    ``protocol`` is sockaddr_ll's two bytes, already in network order; the address is cut to 8 bytes
+    but keeps its real length, as in libpcap.
     """
-    wire_length, tag = received, None
-    if auxdata is not None:
-        wire_length, tag = parse_auxdata(auxdata)
-    if link_type == LINKTYPE_LINUX_SLL:
-        data = sll_header(address[2], address[3], address[4], address[1]) + data
-        wire_length += SLL_HEADER_LENGTH
+    return SLL_HEADER.pack(pkttype, hatype, address_length, address[:8], protocol)
+
+
+def restore_frame(link_type: int, data: bytes, wire_length: int, tag: Optional[tuple[int, int]],
+                  cooked_header: bytes = b"") -> tuple[int, bytes]:
+    """(wire length, frame bytes) as libpcap records them, from what the kernel delivered.
+
+    ``cooked_header`` (the SLL header, for cooked captures) goes in front; a VLAN ``tag`` (TPID,
+    TCI) the kernel stripped is put back (+4 bytes).
+    """
+    if cooked_header:
+        data = cooked_header + data
+        wire_length += len(cooked_header)
     if tag is not None:
         offset = VLAN_OFFSETS.get(link_type)
         if offset is not None and len(data) >= offset:
             data = insert_vlan_tag(data, offset, *tag)
             wire_length += 4
     return wire_length, data
+
+
+def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int, timestamp: float) -> list[Frame]:
+    """The frames of one TPACKET_V3 ring block the kernel handed over (its status has TP_STATUS_USER).
+
+    ``ring`` is the mapped ring (or any bytes-like object whose slices are bytes), ``block_start``
+    the block's offset in it. Frames come out as libpcap records them (see ``restore_frame``).
+    Outgoing frames of interface index ``skip_outgoing_on`` (the loopback; 0: none) are left out:
+    loopback frames show up twice, outgoing and incoming, and libpcap keeps one.
+    """
+    packet_count, offset = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
+    offset += block_start
+    cooked = link_type == LINKTYPE_LINUX_SLL
+    unpack_header = PACKET_HEADER.unpack_from
+    frames: list[Frame] = []
+    append = frames.append
+    for _ in range(packet_count):
+        header = offset
+        next_offset, snaplen, wire_length, status, mac, tci = unpack_header(ring, header)
+        offset += next_offset
+        start = header + mac
+        data = ring[start:start + snaplen]
+        if cooked or skip_outgoing_on or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case
+            protocol, ifindex, hatype, pkttype, address_length, address = \
+                SOCKADDR_LL.unpack_from(ring, header + SOCKADDR_LL_OFFSET)
+            if pkttype == PACKET_OUTGOING and ifindex == skip_outgoing_on:
+                continue
+            tag = vlan_tag(status, tci, VLAN_TPID.unpack_from(ring, header + VLAN_TPID_OFFSET)[0])
+            if cooked or tag is not None:
+                wire_length, data = restore_frame(
+                    link_type, data, wire_length, tag,
+                    sll_header(pkttype, hatype, address_length, address, protocol) if cooked else b"")
+        append((timestamp, wire_length, link_type, data))
+    return frames
+
+
+def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
+    """The ``tpacket_req3`` fields for a ring of about ``ring_bytes`` (at least one page-sized block).
+
+    TPACKET_V3 packs frames of any size into a block, so the frame size only has to pass the
+    kernel's checks: one "frame" per block.
+    """
+    page = mmap.PAGESIZE
+    block_size = max(page, min(block_bytes, -(-ring_bytes // page) * page))
+    block_count = max(1, ring_bytes // block_size)
+    return (block_size, block_count, block_size, block_count, RING_RETIRE_MS, 0, 0)
 
 
 def compile_bpf(expression: str, link_type: int) -> list[tuple[int, int, int, int]]:
@@ -308,7 +372,7 @@ def permission_message(interface: str) -> str:
 
 
 class LiveSource:
-    """Frames of one interface (or ``any``), read from an AF_PACKET socket.
+    """Frames of one interface (or ``any``), read from an AF_PACKET socket's TPACKET_V3 ring.
 
     The socket is opened by the constructor, so start-up fails early on a missing interface, a bad
     filter or missing privileges. After an error ``open()`` reopens it; Capture calls it on restart.
@@ -316,14 +380,16 @@ class LiveSource:
 
     kind = "live"
 
-    def __init__(self, interface: str, bpf_filter: str = "", *, socket_buffer: int = SOCKET_BUFFER_BYTES):
+    def __init__(self, interface: str, bpf_filter: str = "", *, ring_bytes: int = RING_BYTES):
         self.name = interface
         self.filter = bpf_filter
-        self.socket_buffer = socket_buffer
+        self.ring_bytes = ring_bytes
         self._socket: Optional[socket.socket] = None
+        self._ring: Optional[mmap.mmap] = None
+        self._block_size = self._block_count = 0
+        self._ring_shrink_logged = False
         self._dropped = 0
         self._program_for: dict[int, list] = {}
-        self._view = memoryview(bytearray(RECEIVE_BUFFER))
         # An interface that exists but is down is not a start-up error: the capture reports it and
         # starts counting once the interface is up.
         self._open(require_up=False)
@@ -336,8 +402,8 @@ class LiveSource:
         if self._socket is not None:
             return self
         if self.name == ANY_INTERFACE:
-            self.link_type, self._loopback_name = LINKTYPE_LINUX_SLL, _loopback_name()
-            sock = self._new_socket(socket.SOCK_DGRAM, "")
+            self.link_type, self._loopback_index = LINKTYPE_LINUX_SLL, _loopback_index()
+            kind, index = socket.SOCK_DGRAM, 0
         else:
             interface = list_interfaces().get(self.name)
             if interface is None:
@@ -345,14 +411,16 @@ class LiveSource:
             if require_up and not interface.up:
                 raise SourceError(f"{self.name}: interface is down; capture resumes when it is up")
             self.link_type = RAW_LINK_TYPES.get(interface.hardware_type, LINKTYPE_LINUX_SLL)
-            self._loopback_name = interface.name if interface.hardware_type == ARPHRD_LOOPBACK else None
+            self._loopback_index = interface.index if interface.hardware_type == ARPHRD_LOOPBACK else 0
             kind = socket.SOCK_DGRAM if self.link_type == LINKTYPE_LINUX_SLL else socket.SOCK_RAW
-            sock = self._new_socket(kind, self.name)
-        self._socket = sock
-        log.debug("capture socket open on %s (link type %d)", self.name, self.link_type)
+            index = interface.index
+        self._socket, self._ring = self._new_socket(kind, index)
+        self._block = 0
+        log.debug("capture ring open on %s (link type %d, %d blocks of %d KiB)", self.name, self.link_type,
+                  self._block_count, self._block_size >> 10)
         return self
 
-    def _new_socket(self, kind: int, interface: str) -> socket.socket:
+    def _new_socket(self, kind: int, index: int) -> tuple[socket.socket, mmap.mmap]:
         program = None
         if self.filter:
             program = self._program_for.get(self.link_type)
@@ -362,49 +430,60 @@ class LiveSource:
                                                cooked=self.link_type == LINKTYPE_LINUX_SLL)
                 self._program_for[self.link_type] = program
         try:
-            # Bound to an interface: protocol 0 receives nothing until bind(), so no frame of another
-            # interface slips in first. Unbound (any): frames queued before the filter is attached
-            # are drained.
-            sock = socket.socket(socket.AF_PACKET, kind, 0 if interface else socket.htons(ETH_P_ALL))
+            # Protocol 0 receives nothing until bind(): no frame reaches the ring before the filter
+            # is attached, or from another interface.
+            sock = socket.socket(socket.AF_PACKET, kind, 0)
         except PermissionError:
             raise CapturePermissionError(permission_message(self.name)) from None
         except OSError as error:
             raise SourceError(f"cannot open a packet socket: {error.strerror}") from None
+        ring = None
         try:
-            sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-            self._grow_buffer(sock)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            request = self._request_ring(sock)
+            self._block_size, self._block_count = request[0], request[1]
+            ring = mmap.mmap(sock.fileno(), self._block_size * self._block_count, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
             if program:
                 attach_bpf(sock, program)
-            if interface:
-                sock.bind((interface, ETH_P_ALL))
-            elif program:
-                _drain(sock)
+            bind_packet_socket(sock, index, ETH_P_ALL)
         except OSError as error:
+            if ring is not None:
+                ring.close()
             sock.close()
             if error.errno in INTERFACE_GONE:
                 raise InterfaceNotFound(f"{self.name}: interface not available ({error.strerror})") from None
             raise SourceError(f"{self.name}: cannot set up the capture socket: {error.strerror}") from None
-        return sock
+        return sock, ring
 
-    def _grow_buffer(self, sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.socket_buffer)
-        except OSError:  # no CAP_NET_ADMIN: the kernel caps SO_RCVBUF at net.core.rmem_max
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
-            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
-            if granted < self.socket_buffer:
-                log.info("socket receive buffer limited to %d KiB by net.core.rmem_max (no CAP_NET_ADMIN)",
-                         granted >> 10)
+    def _request_ring(self, sock: socket.socket) -> tuple[int, ...]:
+        """Set up the socket's ring; while the kernel lacks the memory, ask for half as much (once said)."""
+        ring_bytes = self.ring_bytes
+        while True:
+            request = ring_request(ring_bytes)
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_RX_RING, TPACKET_REQ3.pack(*request))
+            except OSError as error:
+                if error.errno != errno.ENOMEM or ring_bytes <= MINIMUM_RING_BYTES:
+                    raise
+                ring_bytes //= 2
+                continue
+            if ring_bytes < self.ring_bytes and not self._ring_shrink_logged:
+                self._ring_shrink_logged = True
+                log.warning("not enough kernel memory for a %d MiB capture ring: using %d MiB (more drops in "
+                            "bursts)", self.ring_bytes >> 20, ring_bytes >> 20)
+            return request
 
     def close(self) -> None:
-        """Close the socket, keeping its drop count."""
+        """Close the socket and unmap its ring, keeping the drop count."""
         if self._socket is not None:
             self._read_drops()
+            self._ring.close()
             self._socket.close()
-            self._socket = None
+            self._socket = self._ring = None
 
     def kernel_dropped(self) -> int:
-        """Frames the kernel dropped for lack of buffer space, cumulative over reopenings."""
+        """Frames the kernel dropped for lack of ring space, cumulative over reopenings."""
         self._read_drops()
         return self._dropped
 
@@ -412,29 +491,36 @@ class LiveSource:
         if self._socket is None:
             return
         try:
-            stats = self._socket.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS.size)
+            stats = self._socket.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS_V3.size)
         except OSError:
             return
-        self._dropped += TPACKET_STATS.unpack(stats)[1]  # reading resets the kernel's counters
+        self._dropped += TPACKET_STATS_V3.unpack(stats)[1]  # reading resets the kernel's counters
 
     def batches(self, stop: threading.Event) -> Iterator[list[Frame]]:
-        """Yield frames as they arrive, in batches; ``[]`` after each idle half second."""
+        """Yield the frames of each block the kernel hands over; ``[]`` after each idle half second."""
         self.open()
         try:
             poller = select.poll()
             poller.register(self._socket, select.POLLIN)
             idle_ms = int(IDLE_SECONDS * 1000)
+            ring, block_size, block_count = self._ring, self._block_size, self._block_count
+            status_of = BLOCK_STATUS.unpack_from
             while not stop.is_set():
-                if not poller.poll(idle_ms):
-                    yield []
+                start = self._block * block_size
+                if not status_of(ring, start + BLOCK_STATUS_OFFSET)[0] & TP_STATUS_USER:
+                    events = poller.poll(idle_ms)
+                    if not events:
+                        yield []
+                    elif events[0][1] & select.POLLERR:  # ENETDOWN when the interface goes down or away
+                        code = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if code:
+                            raise OSError(code, os.strerror(code))
                     continue
-                batch = self._read_batch()
-                if batch:
-                    yield batch
-                if len(batch) < BATCH_FRAMES:
-                    # The queue is drained: let frames gather in the kernel's buffer for a moment, so
-                    # per-batch costs (system calls, tally lock) spread over many frames, not one.
-                    stop.wait(COALESCE_SECONDS)
+                frames = read_block(ring, start, self.link_type, self._loopback_index, time.time())
+                BLOCK_STATUS.pack_into(ring, start + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)  # the kernel's again
+                self._block = (self._block + 1) % block_count
+                if frames:
+                    yield frames
         except OSError as error:
             if error.errno in INTERFACE_GONE:
                 raise SourceError(f"{self.name}: interface went down or was removed ({error.strerror})") from None
@@ -442,52 +528,30 @@ class LiveSource:
         finally:
             self.close()
 
-    def _read_batch(self) -> list[Frame]:
-        """Read what is queued, up to BATCH_FRAMES, without blocking."""
-        view = self._view
-        buffers = [view]
-        recvmsg_into = self._socket.recvmsg_into
-        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
-        ancillary_size = socket.CMSG_SPACE(AUXDATA.size)
-        link_type = self.link_type
-        cooked = link_type == LINKTYPE_LINUX_SLL
-        unpack_auxdata = AUXDATA.unpack_from
-        loopback = self._loopback_name
-        timestamp = time.time()
-        batch: list[Frame] = []
-        append = batch.append
-        while len(batch) < BATCH_FRAMES:
-            try:
-                received, ancillary, _flags, address = recvmsg_into(buffers, ancillary_size, flags)
-            except BlockingIOError:
-                break
-            if address[2] == PACKET_OUTGOING and address[0] == loopback:
-                continue  # loopback frames show up twice, outgoing and incoming: keep one (as libpcap does)
-            data = bytes(view[:received if received < RECEIVE_BUFFER else RECEIVE_BUFFER])
-            if ancillary:
-                auxdata = ancillary[0][2]
-                status, wire_length, _snaplen, _mac, _net, tci, _tpid = unpack_auxdata(auxdata)
-                if cooked or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case: rebuild the header
-                    wire_length, data = restore_frame(link_type, data, received, auxdata, address)
-            else:
-                wire_length, data = restore_frame(link_type, data, received, None, address)
-            append((timestamp, wire_length, link_type, data))
-        return batch
+
+class _SockaddrLL(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("protocol", ctypes.c_ushort), ("ifindex", ctypes.c_int),
+                ("hatype", ctypes.c_ushort), ("pkttype", ctypes.c_ubyte), ("halen", ctypes.c_ubyte),
+                ("address", ctypes.c_ubyte * 8)]
 
 
-def _drain(sock: socket.socket) -> None:
-    for _ in range(1 << 20):  # bounded: the queue holds what arrived in a few microseconds
-        try:
-            sock.recv(1, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
+def bind_packet_socket(sock: socket.socket, index: int, protocol: int) -> None:
+    """bind(2) a packet socket to an interface index, 0 meaning every interface.
+
+    Python's own bind() takes an interface name and cannot express "every interface".
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    address = _SockaddrLL(socket.AF_PACKET, socket.htons(protocol), index)
+    if libc.bind(sock.fileno(), ctypes.byref(address), ctypes.sizeof(address)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
-def _loopback_name() -> Optional[str]:
+def _loopback_index() -> int:
     for interface in list_interfaces().values():
         if interface.hardware_type == ARPHRD_LOOPBACK:
-            return interface.name
-    return None
+            return interface.index
+    return 0
 
 
 class _CapabilityHeader(ctypes.Structure):

@@ -1,6 +1,7 @@
-"""Pure parts of live capture: auxdata, VLAN re-insertion, SLL headers, BPF adaptation, default route."""
+"""Pure parts of live capture: ring blocks, VLAN re-insertion, SLL headers, BPF adaptation, default route."""
 from __future__ import annotations
 
+import errno
 import struct
 
 import pytest
@@ -10,10 +11,11 @@ from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
 
 from exporter import config as config_module
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, decode_frame
-from exporter.live import (AUXDATA, ETH_P_8021Q, PACKET_OUTGOING, SKF_AD_OFF, SKF_AD_PKTTYPE, SKF_AD_PROTOCOL,
-                           TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID, FilterError, adapt_bpf_for_kernel,
-                           compile_bpf, default_route_interface, insert_vlan_tag, parse_auxdata,
-                           permission_message, restore_frame, sll_header)
+from exporter.live import (ETH_P_8021Q, PACKET_OUTGOING, RING_RETIRE_MS, SKF_AD_OFF, SKF_AD_PKTTYPE,
+                           SKF_AD_PROTOCOL, TP_STATUS_USER, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
+                           FilterError, adapt_bpf_for_kernel, compile_bpf, default_route_interface,
+                           insert_vlan_tag, permission_message, read_block, restore_frame, ring_request,
+                           sll_header, vlan_tag)
 
 PROC_NET_ROUTE = """\
 Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -29,14 +31,50 @@ fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
 """
 
 
-def auxdata(length: int, *, status: int = 0, tci: int = 0, tpid: int = 0) -> bytes:
-    return AUXDATA.pack(status, length, length, 0, 14, tci, tpid)
+ETHERNET_MAC_OFFSET = 82  # where the kernel puts an Ethernet frame after its tpacket3_hdr (SOCK_RAW)
+COOKED_MAC_OFFSET = 96  # where it puts the network header (SOCK_DGRAM)
+PACKET_PACKET_HOST, PACKET_PACKET_OTHERHOST = 0, 3
 
 
-def address(pkttype: int = 0, hatype: int = 1, mac: bytes = b"\x02\x00\x00\x00\x00\x01",
-            protocol: int = 0x0800, interface: str = "eth0") -> tuple:
-    """What Python returns as a sockaddr_ll: (interface, protocol, pkttype, hatype, address)."""
-    return (interface, protocol, pkttype, hatype, mac)
+class RingFrame:
+    """One frame as the kernel lays it out in a TPACKET_V3 block: tpacket3_hdr, sockaddr_ll, data."""
+
+    def __init__(self, data: bytes, *, wire_length: int = 0, status: int = TP_STATUS_USER, tci: int = 0,
+                 tpid: int = 0, mac: int = ETHERNET_MAC_OFFSET, ifindex: int = 2, pkttype: int = 0,
+                 hatype: int = 1, address: bytes = b"\x02\x00\x00\x00\x00\x01", protocol: int = 0x0800):
+        self.data, self.wire_length, self.status = data, wire_length or len(data), status
+        self.tci, self.tpid = tci, tpid
+        self.mac, self.ifindex, self.pkttype, self.hatype, self.address = mac, ifindex, pkttype, hatype, address
+        self.protocol = protocol
+
+    def pack(self, last: bool) -> bytes:
+        size = (self.mac + len(self.data) + 15) & ~15  # TPACKET_ALIGN: each frame starts 16-byte aligned
+        record = bytearray(size)
+        # tp_next_offset (0 for a block's last frame), tp_sec, tp_nsec, tp_snaplen, tp_len, tp_status,
+        # tp_mac, tp_net, hv1 (tp_rxhash, tp_vlan_tci, tp_vlan_tpid, padding), padding
+        struct.pack_into("=IIIIIIHHIIHH8x", record, 0, 0 if last else size, 1700000000, 5, len(self.data),
+                         self.wire_length, self.status, self.mac, self.mac, 0xDEADBEEF, self.tci, self.tpid, 0)
+        struct.pack_into("=H", record, 48, 17)  # sockaddr_ll: AF_PACKET, ...
+        struct.pack_into("!H", record, 50, self.protocol)  # ... protocol in network order, ...
+        struct.pack_into("=iHBB8s", record, 52, self.ifindex, self.hatype, self.pkttype, len(self.address),
+                         self.address)
+        record[self.mac:self.mac + len(self.data)] = self.data
+        return bytes(record)
+
+
+def ring_block(frames: list[RingFrame], *, lead: bytes = b"", first_offset: int = 48) -> bytes:
+    """A block handed to user space (TP_STATUS_USER), after ``lead`` bytes of other blocks."""
+    records = b"".join(frame.pack(last=i == len(frames) - 1) for i, frame in enumerate(frames))
+    # tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1: block_status, num_pkts,
+    # offset_to_first_pkt, blk_len, seq_num, ts_first_pkt, ts_last_pkt
+    header = struct.pack("=IIIIIIQIIII", 1, 0, TP_STATUS_USER, len(frames), first_offset,
+                         first_offset + len(records), 7, 0, 0, 0, 0)
+    return lead + header.ljust(first_offset, b"\0") + records
+
+
+def ethernet_udp(payload: bytes = b"x" * 100, **fields) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01", **fields)
+                 / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / payload)
 
 
 def test_default_route_interface_picks_the_lowest_metric_ipv4_default_route_that_is_up():
@@ -54,21 +92,20 @@ def test_default_route_interface_is_none_without_any_default_route():
     assert default_route_interface("garbage\nnot a route table\n", "x y z") is None
 
 
-def test_parse_auxdata_reports_no_tag_when_the_kernel_saw_none():
-    assert parse_auxdata(auxdata(1514)) == (1514, None)
+def test_vlan_tag_is_none_when_the_kernel_saw_no_tag():
+    assert vlan_tag(TP_STATUS_USER, 0, 0) is None
 
 
-def test_parse_auxdata_reports_an_8021q_tag_when_the_tpid_is_not_given():
-    assert parse_auxdata(auxdata(60, status=TP_STATUS_VLAN_VALID, tci=0x600A)) == (60, (ETH_P_8021Q, 0x600A))
+def test_vlan_tag_is_8021q_when_the_kernel_gives_no_tpid():
+    assert vlan_tag(TP_STATUS_VLAN_VALID, 0x600A, 0) == (ETH_P_8021Q, 0x600A)
 
 
-def test_parse_auxdata_uses_the_kernel_tpid_when_valid():
-    status = TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID
-    assert parse_auxdata(auxdata(60, status=status, tci=20, tpid=0x88A8)) == (60, (0x88A8, 20))
+def test_vlan_tag_uses_the_kernel_tpid_when_valid():
+    assert vlan_tag(TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID, 20, 0x88A8) == (0x88A8, 20)
 
 
-def test_parse_auxdata_treats_a_nonzero_tci_as_a_tag_like_libpcap():
-    assert parse_auxdata(auxdata(60, tci=5)) == (60, (ETH_P_8021Q, 5))
+def test_vlan_tag_treats_a_nonzero_tci_as_a_tag_like_libpcap():
+    assert vlan_tag(0, 5, 0) == (ETH_P_8021Q, 5)
 
 
 def test_insert_vlan_tag_rebuilds_the_frame_scapy_built():
@@ -82,39 +119,17 @@ def test_restore_frame_puts_a_stripped_8021q_tag_back_and_counts_its_4_bytes():
     tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
                    / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / (b"x" * 100))
     stripped = tagged[:12] + tagged[16:]
-    wire_length, data = restore_frame(LINKTYPE_ETHERNET, stripped, len(stripped),
-                                      auxdata(len(stripped), status=TP_STATUS_VLAN_VALID, tci=10), address())
+    wire_length, data = restore_frame(LINKTYPE_ETHERNET, stripped, len(stripped), (ETH_P_8021Q, 10))
     assert (wire_length, data) == (len(tagged), tagged)
     assert Ether(data)[Dot1Q].vlan == 10
     assert tuple(decode_frame(LINKTYPE_ETHERNET, data)) == (bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]), 17, 1234, 53)
 
 
-def test_restore_frame_restores_the_outer_qinq_tag_with_the_kernel_tpid():
-    tagged = bytes(Ether() / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
-                   / UDP(sport=4000, dport=443))
-    stripped = tagged[:12] + tagged[16:]  # the kernel strips the outer tag only
-    status = TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID
-    wire_length, data = restore_frame(LINKTYPE_ETHERNET, stripped, len(stripped),
-                                      auxdata(len(stripped), status=status, tci=20, tpid=0x88A8), address())
-    assert (wire_length, data) == (len(tagged), tagged)
-
-
-def test_restore_frame_takes_the_full_length_from_auxdata_not_from_what_was_copied():
-    frame = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP() / (b"y" * 200))
-    wire_length, data = restore_frame(LINKTYPE_ETHERNET, frame[:100], 100, auxdata(65000 + 14), address())
-    assert (wire_length, data) == (65014, frame[:100])
-
-
-def test_restore_frame_without_auxdata_keeps_recvmsg_length():
-    frame = bytes(Ether() / IP() / UDP())
-    assert restore_frame(LINKTYPE_ETHERNET, frame, 70000, None, address()) == (70000, frame)
-
-
 def test_restore_frame_builds_the_sll_header_libpcap_builds_for_cooked_frames():
     payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
     mac = b"\x02\x00\x00\x00\x00\x01"
-    wire_length, data = restore_frame(LINKTYPE_LINUX_SLL, payload, len(payload), auxdata(len(payload)),
-                                      address(pkttype=PACKET_OUTGOING, mac=mac))
+    header = sll_header(PACKET_OUTGOING, 1, 6, mac + b"\0\0", b"\x08\x00")
+    wire_length, data = restore_frame(LINKTYPE_LINUX_SLL, payload, len(payload), None, header)
     assert wire_length == len(payload) + 16
     expected = bytes(CookedLinux(pkttype=PACKET_OUTGOING, lladdrtype=1, lladdrlen=6, src=mac + b"\0\0",
                                  proto=0x0800) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353)
@@ -125,8 +140,8 @@ def test_restore_frame_builds_the_sll_header_libpcap_builds_for_cooked_frames():
 
 def test_restore_frame_inserts_a_cooked_vlan_tag_before_the_sll_protocol():
     payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2))
-    wire_length, data = restore_frame(LINKTYPE_LINUX_SLL, payload, len(payload),
-                                      auxdata(len(payload), status=TP_STATUS_VLAN_VALID, tci=7), address())
+    header = sll_header(0, 1, 6, bytes(8), b"\x08\x00")
+    wire_length, data = restore_frame(LINKTYPE_LINUX_SLL, payload, len(payload), (ETH_P_8021Q, 7), header)
     assert wire_length == len(payload) + 16 + 4
     assert data[14:20] == bytes.fromhex("8100 0007 0800")
     assert decode_frame(LINKTYPE_LINUX_SLL, data)[2:] == (17, 1, 2)
@@ -134,13 +149,132 @@ def test_restore_frame_inserts_a_cooked_vlan_tag_before_the_sll_protocol():
 
 def test_restore_frame_leaves_raw_ip_frames_untagged():
     payload = bytes(IP() / UDP())
-    assert restore_frame(LINKTYPE_RAW, payload, len(payload), auxdata(len(payload), status=TP_STATUS_VLAN_VALID,
-                                                                      tci=7), address()) == (len(payload), payload)
+    assert restore_frame(LINKTYPE_RAW, payload, len(payload), (ETH_P_8021Q, 7)) == (len(payload), payload)
 
 
 def test_sll_header_truncates_long_hardware_addresses_to_8_bytes_but_keeps_their_length():
-    header = sll_header(0, 32, bytes(range(20)), 0x86DD)
+    header = sll_header(0, 32, 20, bytes(range(20)), b"\x86\xdd")
     assert header == struct.pack("!HHH8sH", 0, 32, 20, bytes(range(8)), 0x86DD)
+
+
+def test_read_block_returns_each_frame_of_a_block_following_next_offsets():
+    frames = [ethernet_udp(b"a" * 10), ethernet_udp(b"b" * 333), ethernet_udp(b"c" * 1)]
+    block = ring_block([RingFrame(frame) for frame in frames])
+    assert read_block(block, 0, LINKTYPE_ETHERNET, 0, 12.5) == [(12.5, len(f), LINKTYPE_ETHERNET, f) for f in frames]
+
+
+def test_read_block_reads_a_block_at_its_offset_in_the_ring_and_honours_offset_to_first_packet():
+    frame = ethernet_udp()
+    block = ring_block([RingFrame(frame), RingFrame(frame)], lead=b"\xff" * 4096, first_offset=64)
+    assert read_block(block, 4096, LINKTYPE_ETHERNET, 0, 1.0) == [(1.0, len(frame), LINKTYPE_ETHERNET, frame)] * 2
+
+
+def test_read_block_returns_nothing_for_an_empty_block():
+    assert read_block(ring_block([]), 0, LINKTYPE_ETHERNET, 0, 1.0) == []
+
+
+def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied():
+    aggregate = ethernet_udp(b"y" * 200)[:96]  # a GRO aggregate cut short by the snap length
+    frames = read_block(ring_block([RingFrame(aggregate, wire_length=65014)]), 0, LINKTYPE_ETHERNET, 0, 1.0)
+    assert frames == [(1.0, 65014, LINKTYPE_ETHERNET, aggregate)]
+
+
+def test_read_block_puts_back_stripped_vlan_tags_from_the_frame_header():
+    tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
+                   / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / (b"x" * 100))
+    qinq = bytes(Ether() / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
+                 / UDP(sport=4000, dport=443))
+    plain = ethernet_udp()
+    block = ring_block([
+        RingFrame(tagged[:12] + tagged[16:], status=TP_STATUS_USER | TP_STATUS_VLAN_VALID, tci=10),
+        RingFrame(plain),
+        RingFrame(qinq[:12] + qinq[16:], tci=20, tpid=0x88A8,
+                  status=TP_STATUS_USER | TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID),
+    ])
+    assert read_block(block, 0, LINKTYPE_ETHERNET, 0, 1.0) == [
+        (1.0, len(tagged), LINKTYPE_ETHERNET, tagged), (1.0, len(plain), LINKTYPE_ETHERNET, plain),
+        (1.0, len(qinq), LINKTYPE_ETHERNET, qinq)]
+
+
+def test_read_block_builds_cooked_frames_from_the_sockaddr_ll_after_each_header():
+    payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
+    mac = b"\x02\x00\x00\x00\x00\x01"
+    block = ring_block([
+        RingFrame(payload, mac=COOKED_MAC_OFFSET, pkttype=PACKET_OUTGOING, address=mac),
+        RingFrame(payload, mac=COOKED_MAC_OFFSET, status=TP_STATUS_USER | TP_STATUS_VLAN_VALID, tci=7,
+                  pkttype=PACKET_PACKET_OTHERHOST, address=mac),
+    ])
+    (_, plain_length, link_type, plain), (_, tagged_length, _, tagged) = read_block(
+        block, 0, LINKTYPE_LINUX_SLL, 0, 1.0)
+    assert link_type == LINKTYPE_LINUX_SLL
+    assert (plain_length, plain) == (len(payload) + 16, bytes(
+        CookedLinux(pkttype=PACKET_OUTGOING, lladdrtype=1, lladdrlen=6, src=mac + b"\0\0", proto=0x0800)) + payload)
+    assert tagged_length == len(payload) + 20
+    assert tagged[:14] == struct.pack("!HHH8s", PACKET_PACKET_OTHERHOST, 1, 6, mac + b"\0\0")
+    assert tagged[14:20] == bytes.fromhex("8100 0007 0800")
+    assert decode_frame(LINKTYPE_LINUX_SLL, tagged)[2:] == (17, 53, 5353)
+
+
+def test_read_block_skips_outgoing_copies_on_the_loopback_only():
+    payload = bytes(IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=1, dport=2))
+    block = ring_block([
+        RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_OUTGOING),  # loopback, sent: skipped
+        RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_PACKET_HOST),  # loopback, received
+        RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=2, pkttype=PACKET_OUTGOING),  # sent on eth0
+    ])
+    frames = read_block(block, 0, LINKTYPE_LINUX_SLL, 1, 1.0)
+    kept = [(struct.unpack_from("!H", frame[3])[0], frame[3][16:]) for frame in frames]
+    assert kept == [(PACKET_PACKET_HOST, payload), (PACKET_OUTGOING, payload)]
+
+
+def test_ring_request_uses_megabyte_blocks_one_frame_each_and_the_retire_timeout():
+    block_size, blocks, frame_size, frames, retire_ms, priv, features = ring_request(64 << 20)
+    assert (block_size, blocks) == (1 << 20, 64)
+    assert (frame_size, frames) == (block_size, blocks)  # TPACKET_V3 packs frames of any size into a block
+    assert (retire_ms, priv, features) == (RING_RETIRE_MS, 0, 0)
+
+
+def test_ring_request_for_a_tiny_ring_is_one_page_sized_block():
+    assert ring_request(4096)[:4] == (4096, 1, 4096, 1)
+    assert ring_request(100)[:4] == (4096, 1, 4096, 1)
+    assert ring_request(10000)[:2] == (12288, 1)
+
+
+class ShortOfMemorySocket:
+    """A socket whose kernel grants a ring of at most ``limit`` bytes (ENOMEM above)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.asked = limit, []
+
+    def setsockopt(self, level, option, value):
+        block_size, block_count = struct.unpack_from("=II", value)
+        self.asked.append(block_size * block_count)
+        if block_size * block_count > self.limit:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+
+def ring_only_source(ring_bytes: int):
+    from exporter import live
+
+    source = live.LiveSource.__new__(live.LiveSource)  # the ring logic alone, no socket opened
+    source.ring_bytes, source._ring_shrink_logged = ring_bytes, False
+    return source
+
+
+def test_the_ring_is_halved_while_the_kernel_lacks_memory_and_the_shrink_is_logged_once(caplog):
+    source = ring_only_source(128 << 20)
+    sock = ShortOfMemorySocket(limit=40 << 20)
+    assert source._request_ring(sock)[:2] == (1 << 20, 32)
+    assert sock.asked == [128 << 20, 64 << 20, 32 << 20]
+    source._request_ring(ShortOfMemorySocket(limit=40 << 20))
+    assert [record.getMessage() for record in caplog.records] == [
+        "not enough kernel memory for a 128 MiB capture ring: using 32 MiB (more drops in bursts)"]
+
+
+def test_the_ring_shrinks_no_further_than_the_minimum():
+    with pytest.raises(OSError) as raised:
+        ring_only_source(16 << 20)._request_ring(ShortOfMemorySocket(limit=1 << 20))
+    assert raised.value.errno == errno.ENOMEM
 
 
 def test_compile_bpf_reports_the_compiler_message():

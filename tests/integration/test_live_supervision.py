@@ -52,10 +52,10 @@ sys.path.insert(0, sys.argv.pop(1))
 from exporter.live import LiveSource
 
 def flood():
-    # 300 datagrams from the client while nobody reads: a 4 KiB socket buffer overflows.
+    # 300 datagrams from the client while nobody reads: a one-block 4 KiB ring overflows.
     subprocess.run(sys.argv[1:], check=True, timeout=30)
 
-source = LiveSource("te-srv0", socket_buffer=4096)
+source = LiveSource("te-srv0", ring_bytes=4096)
 flood()
 first = source.kernel_dropped()
 again = source.kernel_dropped()  # the kernel resets its counter when read: the source accumulates
