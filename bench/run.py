@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from bench.generate import SERVER_V4, SERVER_V6, write_pcap
 
@@ -121,7 +122,7 @@ def replay(pair, pcap: Path, rate: str) -> tuple[int, float]:
     return sent, seconds
 
 
-def live(pcap: Path, rates: list[str]) -> list[str]:
+def live(pcap: Path, rates: list[str], exporter_args: Sequence[str] = ()) -> list[str]:
     """Exporter and tcpdump on the server end of a veth pair while tcpreplay sends the pcap."""
     from tests.integration.live_traffic import NamespacedExporter, Tcpdump
     from tests.integration.netns import namespace_pair
@@ -130,7 +131,8 @@ def live(pcap: Path, rates: list[str]) -> list[str]:
             "| tcpdump captured / sent | tcpdump kernel drops |", "|---|---|---|---|---|---|---|"]
     with namespace_pair() as pair:
         for rate in rates:
-            exporter = NamespacedExporter(pair, ["--interface", pair.server_link, *SERVERS, "--log-level", "warning"])
+            exporter = NamespacedExporter(pair, ["--interface", pair.server_link, *SERVERS, "--log-level", "warning",
+                                                 *exporter_args])
             try:
                 exporter.wait_ready()
                 before = exporter.metrics()

@@ -81,7 +81,7 @@ def _open_live(config: Config) -> tuple[LiveSource, ServerSet]:
     except InterfaceNotFound as error:
         raise ConfigError(f"--interface: {error}") from None
     try:
-        source = LiveSource(interface, config.filter)
+        source = LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20)
     except FilterError as error:
         raise ConfigError(f"--filter: {error}") from None
     except InterfaceNotFound as error:

@@ -23,6 +23,7 @@ class Config:
     interface: Optional[str] = None
     server_ips: tuple[str, ...] = ()
     filter: str = ""
+    capture_buffer_mib: int = 128
     pcap: Optional[str] = None
     replay_speed: str = "max"
     loop: bool = False
@@ -125,6 +126,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("server_ip", ("--server-ip",), _server_ips,
      "server address or CIDR network; repeatable or comma-separated (env SERVER_IP too)"),
     ("filter", ("--filter",), _text, "BPF filter applied to the capture"),
+    ("capture_buffer_mib", ("--capture-buffer-mib",), _integer(4, 4096),
+     "size of the kernel capture ring in MiB (absorbs bursts; resident memory)"),
     ("pcap", ("--pcap",), _text, "replay this pcap/pcapng file instead of capturing live"),
     ("replay_speed", ("--replay-speed",), _choice(REPLAY_SPEEDS), "pcap replay pace: realtime or max"),
     ("loop", ("--loop",), _boolean, "replay the pcap file in a loop"),
