@@ -22,6 +22,17 @@ def get(url: str, timeout: float = 5.0) -> bytes:
         return response.read()
 
 
+def terminate(process: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate a process we started, then kill it if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
 @contextlib.contextmanager
 def running_exporter(args: Sequence[str], *, command: Sequence[str] = (), ready_timeout: float = 20.0,
                      ready_path: Optional[str] = "/metrics", **popen) -> Iterator[tuple[str, subprocess.Popen]]:
@@ -54,10 +65,4 @@ def running_exporter(args: Sequence[str], *, command: Sequence[str] = (), ready_
                     time.sleep(0.1)
             yield base, process
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from tests.exporter_process import terminate
 from tests.integration.netns import NamespacePair
 
 # Dual-stack servers: HTTP on 80 and 8080 (serving a file larger than the MTU, so TSO/GRO
@@ -144,17 +145,6 @@ def running_servers(pair: NamespacePair, directory: Path) -> Iterator[subprocess
         yield process
     finally:
         terminate(process)
-
-
-def terminate(process: subprocess.Popen, timeout: float = 10) -> None:
-    """Terminate a process we started, then kill it if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
 
 
 def generate_traffic(pair: NamespacePair, directory: Path, download: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from bench.generate import SERVER_V4, SERVER_V6, write_pcap
 from tests.dashboard_queries import panel_queries
-from tests.exporter_process import free_port, get, running_exporter
+from tests.exporter_process import free_port, get, running_exporter, terminate
 
 pytestmark = pytest.mark.integration
 
@@ -167,9 +167,4 @@ def test_every_dashboard_panel_query_returns_data_from_real_prometheus(tmp_path)
             assert [float(series["value"][1]) for series in capture_up["data"]["result"]] == [1.0], \
                 (capture_up, target_health(prometheus_url))
         finally:
-            prometheus.terminate()
-            try:
-                prometheus.wait(10)
-            except subprocess.TimeoutExpired:
-                prometheus.kill()
-                prometheus.wait()
+            terminate(prometheus)
