@@ -7,8 +7,8 @@ import time
 from typing import Callable, Iterable, Mapping
 
 from .classify import ServerSet, classify
-from .decode import decode_frame
-from .sources import Frame, Source, SourceError
+from .decode import decode_key, sum_by_key
+from .sources import FrameBatch, Source, SourceError
 from .tally import Tally
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,13 @@ class FrameCounter:
         self.servers = servers
         self.port_labels = port_labels
         self.memo_size = memo_size
-        self._memo: dict = {}  # decoded header -> classify() result; cleared when full
+        self._memo: dict = {}  # frame key -> classify() result; cleared when full
 
-    def count(self, frames: Iterable[Frame]) -> tuple[dict, dict]:
+    def count(self, batch: FrameBatch) -> tuple[dict, dict]:
         """Sum a batch: ((client, direction, protocol) -> [bytes, packets], ignore reason -> frames)."""
-        # Sum per decoded header first (equal headers decode to equal tuples, ignore reasons to
-        # equal strings), then classify each distinct one: a batch holds far fewer flows than frames.
-        flows: dict = {}
-        get_flow = flows.get
-        for _timestamp, wire_length, link_type, data in frames:
-            key = decode_frame(link_type, data)
-            flow = get_flow(key)
-            if flow is None:
-                flows[key] = [wire_length, 1]
-            else:
-                flow[0] += wire_length
-                flow[1] += 1
+        # Sum per frame key first (equal for the frames of a flow), then decode and classify each
+        # distinct key once: a batch holds far fewer flows than frames.
+        flows = sum_by_key(batch.link_type, batch.buffer, batch.spans)
         memo = self._memo
         if len(memo) + len(flows) > self.memo_size:
             memo.clear()
@@ -50,7 +41,9 @@ class FrameCounter:
         for key, flow in flows.items():
             result = memo.get(key)
             if result is None:
-                result = memo[key] = key if key.__class__ is str else classify(key, self.servers, self.port_labels)
+                decoded = decode_key(key)
+                result = memo[key] = decoded if decoded.__class__ is str else classify(
+                    decoded, self.servers, self.port_labels)
             if result.__class__ is str:
                 ignored[result] = ignored.get(result, 0) + flow[1]
                 continue
@@ -63,10 +56,10 @@ class FrameCounter:
         return counts, ignored
 
 
-def count_frames(frames: Iterable[Frame], servers: ServerSet,
+def count_frames(batch: FrameBatch, servers: ServerSet,
                  port_labels: Mapping[tuple[int, int], str]) -> tuple[dict, dict]:
     """Sum one batch (see ``FrameCounter.count``)."""
-    return FrameCounter(servers, port_labels).count(frames)
+    return FrameCounter(servers, port_labels).count(batch)
 
 
 class Capture:

@@ -31,7 +31,6 @@ from .webauth import BasicAuthMiddleware, load_web_config
 log = logging.getLogger("exporter")
 PROG = "traffic-exporter"
 SUMMARIZE_MAX_CLIENTS = 1_000_000  # offline analysis lists every client unless told otherwise
-SUMMARIZE_BATCH_FRAMES = 16384
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -110,7 +109,7 @@ def _tally(config: Config, *, idle_seconds: Optional[float] = None) -> Tally:
 def run_summarize(config: Config) -> int:
     """Count a capture file at full speed and print the result."""
     # Large batches: one tally update per 16k frames instead of per 4k (nobody reads it meanwhile).
-    source = PcapSource(config.pcap, batch_frames=SUMMARIZE_BATCH_FRAMES)
+    source = PcapSource(config.pcap)
     servers = _servers_for_pcap(config, source)
     summary = summarize(source, servers, config.port_labels, _tally(config, idle_seconds=float("inf")))
     if config.output_format == "json":

@@ -5,7 +5,8 @@ come back as ``MALFORMED`` and frames without an IP header as ``NOT_IP``.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+import struct
+from typing import Hashable, Iterable, Optional, Tuple, Union
 
 NOT_IP = "not_ip"
 MALFORMED = "malformed"
@@ -45,15 +46,93 @@ Decoded = Tuple[bytes, bytes, int, int, int]
 DecodeResult = Union[Decoded, str]
 
 
-def decode_frame(link_type: int, data: bytes) -> DecodeResult:
-    """Return the frame's outermost IP header and ports, or ``NOT_IP`` / ``MALFORMED``."""
+def decode_frame(link_type: int, data: bytes, start: int = 0, end: Optional[int] = None) -> DecodeResult:
+    """Return the outermost IP header and ports of the frame ``data[start:end]``, or ``NOT_IP`` / ``MALFORMED``.
+
+    The frame is read in place: ``data`` may be a whole capture buffer holding many frames.
+    """
+    if end is None:
+        end = len(data)
     try:
         decoder = _LINK_DECODERS.get(link_type)
         if decoder is None:
             return MALFORMED
-        return decoder(data)
+        return decoder(data, start, end)
     except Exception:  # defensive: a decoder bug must cost one frame, never the capture
         return MALFORMED
+
+
+# The common frames -- Ethernet, untagged or with one 802.1Q tag, carrying IPv4 without options or
+# IPv6 without extension headers, long enough to hold a TCP header -- have their header fields at
+# fixed offsets. One unpack reads the fields the decoding depends on and none that change from
+# packet to packet (lengths, identification, checksums), so the frames of a flow share the result.
+_ETHERNET_IPV4 = struct.Struct("!12xHB5xHxB2x8sI").unpack_from  # ethertype, version+IHL, flags+offset,
+#                                                                 protocol, addresses, ports
+_ETHERNET_IPV6 = struct.Struct("!12xHB5xB1x32sI").unpack_from  # ethertype, version+class, next header,
+#                                                                addresses, ports
+_IPV6_CHAINED = IPV6_EXTENSION_HEADERS | {IPPROTO_FRAGMENT, IPPROTO_AH}
+
+
+def sum_by_key(link_type: int, data: bytes, spans: Iterable[tuple[int, int, int]]) -> dict[Hashable, list[int]]:
+    """Sum ``[wire bytes, frames]`` per frame key over the frames ``(start, end, wire_length)`` of ``data``.
+
+    A frame's key is cheap to take and equal for the frames of one flow, and ``decode_key(key)``
+    is the frame's decoding: a batch is summed per key here, then decoded once per key. Common
+    frames get their raw header fields as key; any other frame its decoding, in a 1-tuple.
+    """
+    sums: dict[Hashable, list[int]] = {}
+    get = sums.get
+    ethernet = link_type == LINKTYPE_ETHERNET
+    ipv4_fields, ipv6_fields, chained = _ETHERNET_IPV4, _ETHERNET_IPV6, _IPV6_CHAINED
+    for start, end, wire_length in spans:
+        key = None
+        if ethernet and end - start >= 54:  # room for Ethernet, IPv4 and TCP headers
+            head = start
+            fields = ipv4_fields(data, head)
+            if fields[0] == 0x8100 and end - start >= 58:  # one 802.1Q tag: the same layout 4 bytes on
+                head += 4
+                fields = ipv4_fields(data, head)
+            if fields[0] == 0x0800:
+                if fields[1] == 0x45:
+                    key = fields
+            elif fields[0] == 0x86DD and end - head >= 74:  # room for Ethernet, IPv6 and TCP headers
+                fields = ipv6_fields(data, head)
+                if fields[2] not in chained:
+                    key = fields
+        if key is None:
+            key = (decode_frame(link_type, data, start, end),)
+        total = get(key)
+        if total is None:
+            sums[key] = [wire_length, 1]
+        else:
+            total[0] += wire_length
+            total[1] += 1
+    return sums
+
+
+def frame_key(link_type: int, data: bytes, start: int = 0, end: Optional[int] = None) -> Hashable:
+    """The key ``sum_by_key`` files the frame ``data[start:end]`` under."""
+    (key,) = sum_by_key(link_type, data, [(start, len(data) if end is None else end, 0)])
+    return key
+
+
+def decode_key(key: tuple) -> DecodeResult:
+    """The decoding of the frames filed under ``key`` by ``sum_by_key``."""
+    if len(key) == 1:
+        return key[0]
+    if len(key) == 6:  # IPv4
+        _ethertype, _version_ihl, fragment, ip_proto, addresses, ports = key
+        src, dst = addresses[:4], addresses[4:]
+        if fragment & 0x1FFF:
+            return (src, dst, ip_proto, -1, -1)
+    else:
+        _ethertype, version_class, ip_proto, addresses, ports = key
+        if version_class >> 4 != 6:
+            return MALFORMED
+        src, dst = addresses[:16], addresses[16:]
+    if ip_proto == IPPROTO_TCP or ip_proto == IPPROTO_UDP:
+        return (src, dst, ip_proto, ports >> 16, ports & 0xFFFF)
+    return (src, dst, ip_proto, -1, -1)
 
 
 def supported_link_types() -> frozenset[int]:
@@ -61,114 +140,94 @@ def supported_link_types() -> frozenset[int]:
     return frozenset(_LINK_DECODERS)
 
 
-def _by_ethertype(ethertype: int, data: bytes, offset: int) -> DecodeResult:
+def _by_ethertype(ethertype: int, data: bytes, offset: int, end: int) -> DecodeResult:
     while ethertype in VLAN_TPIDS:
-        if len(data) < offset + 4:
+        if end < offset + 4:
             return MALFORMED
         ethertype = data[offset + 2] << 8 | data[offset + 3]
         offset += 4
     if ethertype == ETHERTYPE_IPV4:
-        return _ipv4(data, offset)
+        return _ipv4(data, offset, end)
     if ethertype == ETHERTYPE_IPV6:
-        return _ipv6(data, offset)
+        return _ipv6(data, offset, end)
     return NOT_IP
 
 
-def _ethernet(data: bytes) -> DecodeResult:
-    # Untagged IPv4 and IPv6 go straight to the IP decoder: one call less for most frames.
-    ethertype = data[12:14]
-    if ethertype == b"\x08\x00":
-        return _ipv4(data, 14)
-    if ethertype == b"\x86\xdd":
-        return _ipv6(data, 14)
-    if len(data) < 14:
+def _ethernet(data: bytes, start: int, end: int) -> DecodeResult:
+    if end < start + 14:
         return MALFORMED
-    return _by_ethertype(data[12] << 8 | data[13], data, 14)
+    return _by_ethertype(data[start + 12] << 8 | data[start + 13], data, start + 14, end)
 
 
-def _linux_sll(data: bytes) -> DecodeResult:
-    if len(data) < 16:
+def _linux_sll(data: bytes, start: int, end: int) -> DecodeResult:
+    if end < start + 16:
         return MALFORMED
-    return _by_ethertype(data[14] << 8 | data[15], data, 16)
+    return _by_ethertype(data[start + 14] << 8 | data[start + 15], data, start + 16, end)
 
 
-def _linux_sll2(data: bytes) -> DecodeResult:
-    if len(data) < 20:
+def _linux_sll2(data: bytes, start: int, end: int) -> DecodeResult:
+    if end < start + 20:
         return MALFORMED
-    return _by_ethertype(data[0] << 8 | data[1], data, 20)
+    return _by_ethertype(data[start] << 8 | data[start + 1], data, start + 20, end)
 
 
-def _null(data: bytes) -> DecodeResult:
+def _null(data: bytes, start: int, end: int) -> DecodeResult:
     # The family is in the capturing host's byte order; families are small, so try both.
-    if len(data) < 4:
+    if end < start + 4:
         return MALFORMED
-    family = int.from_bytes(data[:4], "little")
+    family = int.from_bytes(data[start:start + 4], "little")
     if family > 0xFFFF:
-        family = int.from_bytes(data[:4], "big")
-    return _by_family(family, data)
+        family = int.from_bytes(data[start:start + 4], "big")
+    return _by_family(family, data, start, end)
 
 
-def _loop(data: bytes) -> DecodeResult:
-    if len(data) < 4:
+def _loop(data: bytes, start: int, end: int) -> DecodeResult:
+    if end < start + 4:
         return MALFORMED
-    return _by_family(int.from_bytes(data[:4], "big"), data)
+    return _by_family(int.from_bytes(data[start:start + 4], "big"), data, start, end)
 
 
-def _by_family(family: int, data: bytes) -> DecodeResult:
+def _by_family(family: int, data: bytes, start: int, end: int) -> DecodeResult:
     if family == NULL_AF_INET:
-        return _ipv4(data, 4)
+        return _ipv4(data, start + 4, end)
     if family in NULL_AF_INET6:
-        return _ipv6(data, 4)
+        return _ipv6(data, start + 4, end)
     return NOT_IP
 
 
-def _raw(data: bytes) -> DecodeResult:
-    if not data:
+def _raw(data: bytes, start: int, end: int) -> DecodeResult:
+    if end <= start:
         return MALFORMED
-    version = data[0] >> 4
+    version = data[start] >> 4
     if version == 4:
-        return _ipv4(data, 0)
+        return _ipv4(data, start, end)
     if version == 6:
-        return _ipv6(data, 0)
+        return _ipv6(data, start, end)
     return MALFORMED
 
 
-def _raw_ipv4(data: bytes) -> DecodeResult:
-    return _ipv4(data, 0)
-
-
-def _raw_ipv6(data: bytes) -> DecodeResult:
-    return _ipv6(data, 0)
-
-
-def _ipv4(data: bytes, offset: int) -> DecodeResult:
-    end = len(data)
+def _ipv4(data: bytes, offset: int, end: int) -> DecodeResult:
     if end < offset + 20:
         return MALFORMED
     version_ihl = data[offset]
-    if version_ihl == 0x45:  # no options: the common case
-        transport = offset + 20
-    else:
-        header_length = (version_ihl & 0x0F) * 4
-        if version_ihl >> 4 != 4 or header_length < 20 or end < offset + header_length:
-            return MALFORMED
-        transport = offset + header_length
+    header_length = (version_ihl & 0x0F) * 4
+    if version_ihl >> 4 != 4 or header_length < 20 or end < offset + header_length:
+        return MALFORMED
     ip_proto = data[offset + 9]
     src = data[offset + 12:offset + 16]
     dst = data[offset + 16:offset + 20]
     if data[offset + 6] & 0x1F or data[offset + 7]:  # fragment offset: no transport header here
         return (src, dst, ip_proto, -1, -1)
-    return _transport(data, transport, src, dst, ip_proto)
+    return _transport(data, offset + header_length, end, src, dst, ip_proto)
 
 
-def _ipv6(data: bytes, offset: int) -> DecodeResult:
-    if len(data) < offset + 40 or data[offset] >> 4 != 6:
+def _ipv6(data: bytes, offset: int, end: int) -> DecodeResult:
+    if end < offset + 40 or data[offset] >> 4 != 6:
         return MALFORMED
     src = data[offset + 8:offset + 24]
     dst = data[offset + 24:offset + 40]
     next_header = data[offset + 6]
     position = offset + 40
-    end = len(data)
     while True:
         if next_header in IPV6_EXTENSION_HEADERS:
             if end < position + 8:
@@ -185,16 +244,16 @@ def _ipv6(data: bytes, offset: int) -> DecodeResult:
                 break
             next_header, position = data[position], position + (data[position + 1] + 2) * 4
         else:
-            return _transport(data, position, src, dst, next_header)
+            return _transport(data, position, end, src, dst, next_header)
     # The extension chain runs past the captured bytes: the IP header is sound, the ports unknown.
     return (src, dst, next_header, -1, -1)
 
 
-def _transport(data: bytes, offset: int, src: bytes, dst: bytes, ip_proto: int) -> Decoded:
+def _transport(data: bytes, offset: int, end: int, src: bytes, dst: bytes, ip_proto: int) -> Decoded:
     if ip_proto == IPPROTO_TCP:
-        readable = len(data) >= offset + 20
+        readable = end >= offset + 20
     elif ip_proto == IPPROTO_UDP:
-        readable = len(data) >= offset + 8
+        readable = end >= offset + 8
     else:
         readable = False
     if not readable:  # Scapy, too, reads no ports from a header shorter than its minimum
@@ -210,7 +269,7 @@ _LINK_DECODERS = {
     LINKTYPE_RAW: _raw,
     LINKTYPE_LOOP: _loop,
     LINKTYPE_LINUX_SLL: _linux_sll,
-    LINKTYPE_IPV4: _raw_ipv4,
-    LINKTYPE_IPV6: _raw_ipv6,
+    LINKTYPE_IPV4: _ipv4,
+    LINKTYPE_IPV6: _ipv6,
     LINKTYPE_LINUX_SLL2: _linux_sll2,
 }

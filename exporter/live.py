@@ -27,11 +27,10 @@ import socket
 import struct
 import sys
 import threading
-import time
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 from .decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
-from .sources import Frame, SourceError
+from .sources import FrameBatch, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,9 @@ RING_BYTES = 128 << 20  # kernel memory mapped into the process; ~200k frames of
 RING_BLOCK_BYTES = 1 << 20  # one block -> one batch; larger than any GRO/TSO or BIG TCP aggregate
 MINIMUM_RING_BYTES = 4 << 20  # the smallest ring asked for when the kernel is short of memory
 RING_RETIRE_MS = 20  # a block is handed over after this long even if not full
-MAXIMUM_SNAPLEN = 262144  # libpcap's: a filter's "accept" never trims below this
+# Bytes of each frame copied into the ring: every header the decoder reads (Ethernet, VLAN tags,
+# IPv4 options or IPv6 extension headers, ports) fits; lengths come from the frame's tp_len.
+CAPTURE_SNAPLEN = 256
 
 # <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
 ETH_P_ALL = 0x0003
@@ -251,26 +252,29 @@ def restore_frame(link_type: int, data: bytes, wire_length: int, tag: Optional[t
     return wire_length, data
 
 
-def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int, timestamp: float) -> list[Frame]:
+def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) -> FrameBatch:
     """The frames of one TPACKET_V3 ring block the kernel handed over (its status has TP_STATUS_USER).
 
     ``ring`` is the mapped ring (or any bytes-like object whose slices are bytes), ``block_start``
-    the block's offset in it. Frames come out as libpcap records them (see ``restore_frame``).
-    Outgoing frames of interface index ``skip_outgoing_on`` (the loopback; 0: none) are left out:
-    loopback frames show up twice, outgoing and incoming, and libpcap keeps one.
+    the block's offset in it. The block's frames are copied out at once, so the block can go back to
+    the kernel. Frames come out as libpcap records them (see ``restore_frame``). Outgoing frames of
+    interface index ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show
+    up twice, outgoing and incoming, and libpcap keeps one.
     """
     packet_count, offset = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
     offset += block_start
     cooked = link_type == LINKTYPE_LINUX_SLL
     unpack_header = PACKET_HEADER.unpack_from
-    frames: list[Frame] = []
-    append = frames.append
+    spans: list[tuple[int, int, int]] = []
+    append = spans.append
+    restored: list[tuple[int, int, bytes]] = []  # (index in spans, wire length, frame) of rebuilt frames
+    used = 0  # bytes of the block up to the end of its last frame
     for _ in range(packet_count):
         header = offset
         next_offset, snaplen, wire_length, status, mac, tci = unpack_header(ring, header)
         offset += next_offset
-        start = header + mac
-        data = ring[start:start + snaplen]
+        start = header + mac - block_start
+        used = start + snaplen
         if cooked or skip_outgoing_on or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case
             protocol, ifindex, hatype, pkttype, address_length, address = \
                 SOCKADDR_LL.unpack_from(ring, header + SOCKADDR_LL_OFFSET)
@@ -278,11 +282,20 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int, ti
                 continue
             tag = vlan_tag(status, tci, VLAN_TPID.unpack_from(ring, header + VLAN_TPID_OFFSET)[0])
             if cooked or tag is not None:
-                wire_length, data = restore_frame(
-                    link_type, data, wire_length, tag,
-                    sll_header(pkttype, hatype, address_length, address, protocol) if cooked else b"")
-        append((timestamp, wire_length, link_type, data))
-    return frames
+                restored.append((len(spans), *restore_frame(
+                    link_type, ring[start + block_start:used + block_start], wire_length, tag,
+                    sll_header(pkttype, hatype, address_length, address, protocol) if cooked else b"")))
+        append((start, used, wire_length))
+    buffer = ring[block_start:block_start + used]
+    if restored:  # rebuilt frames go after the block's bytes
+        pieces = [buffer]
+        position = used
+        for index, wire_length, data in restored:
+            pieces.append(data)
+            spans[index] = (position, position + len(data), wire_length)
+            position += len(data)
+        buffer = b"".join(pieces)
+    return FrameBatch(link_type, buffer, spans)
 
 
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
@@ -327,7 +340,7 @@ SKF_AD_PROTOCOL, SKF_AD_PKTTYPE = 0, 4
 def adapt_bpf_for_kernel(program: list[tuple[int, int, int, int]], cooked: bool) -> list[tuple[int, int, int, int]]:
     """Adjust a libpcap program for the kernel socket filter, as libpcap's ``fix_program`` does.
 
-    Returns never trim (the kernel would cut frames to the snap length). In cooked mode the
+    Accepting returns keep ``CAPTURE_SNAPLEN`` bytes, the headers, of each frame. In cooked mode the
     kernel filters the network-layer payload, without the 16-byte SLL header the program was
     compiled for: payload offsets move down 16, and the SLL packet type and protocol fields become
     the kernel's ancillary loads. A program reading other SLL fields cannot run in the kernel.
@@ -336,7 +349,7 @@ def adapt_bpf_for_kernel(program: list[tuple[int, int, int, int]], cooked: bool)
     for code, jt, jf, k in program:
         kind = code & 0x07
         if kind == BPF_RET and code & 0x18 == BPF_K and k:
-            k = MAXIMUM_SNAPLEN
+            k = CAPTURE_SNAPLEN
         elif cooked and kind in (BPF_LD, BPF_LDX) and code & 0xE0 in (BPF_ABS, BPF_IND, BPF_MSH) \
                 and k < SKF_AD_OFF:
             if k >= SLL_HEADER_LENGTH:
@@ -421,7 +434,7 @@ class LiveSource:
         return self
 
     def _new_socket(self, kind: int, index: int) -> tuple[socket.socket, mmap.mmap]:
-        program = None
+        program = [(BPF_RET | BPF_K, 0, 0, CAPTURE_SNAPLEN)]  # accept every frame, headers only
         if self.filter:
             program = self._program_for.get(self.link_type)
             if program is None:
@@ -444,8 +457,7 @@ class LiveSource:
             self._block_size, self._block_count = request[0], request[1]
             ring = mmap.mmap(sock.fileno(), self._block_size * self._block_count, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
-            if program:
-                attach_bpf(sock, program)
+            attach_bpf(sock, program)
             bind_packet_socket(sock, index, ETH_P_ALL)
         except OSError as error:
             if ring is not None:
@@ -496,7 +508,7 @@ class LiveSource:
             return
         self._dropped += TPACKET_STATS_V3.unpack(stats)[1]  # reading resets the kernel's counters
 
-    def batches(self, stop: threading.Event) -> Iterator[list[Frame]]:
+    def batches(self, stop: threading.Event) -> Iterator[FrameBatch]:
         """Yield the frames of each block the kernel hands over; ``[]`` after each idle half second."""
         self.open()
         try:
@@ -510,17 +522,17 @@ class LiveSource:
                 if not status_of(ring, start + BLOCK_STATUS_OFFSET)[0] & TP_STATUS_USER:
                     events = poller.poll(idle_ms)
                     if not events:
-                        yield []
+                        yield FrameBatch(self.link_type, b"", [])
                     elif events[0][1] & select.POLLERR:  # ENETDOWN when the interface goes down or away
                         code = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if code:
                             raise OSError(code, os.strerror(code))
                     continue
-                frames = read_block(ring, start, self.link_type, self._loopback_index, time.time())
+                batch = read_block(ring, start, self.link_type, self._loopback_index)
                 BLOCK_STATUS.pack_into(ring, start + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)  # the kernel's again
                 self._block = (self._block + 1) % block_count
-                if frames:
-                    yield frames
+                if batch:
+                    yield batch
         except OSError as error:
             if error.errno in INTERFACE_GONE:
                 raise SourceError(f"{self.name}: interface went down or was removed ({error.strerror})") from None

@@ -1,7 +1,7 @@
 """Frame sources: pcap/pcapng replay (live capture joins the same interface).
 
-A source yields batches of frames ``(timestamp, wire_length, link_type, data)``; an empty batch
-means "nothing arrived for a while" so the consumer can do housekeeping.
+A source yields ``FrameBatch``es: frames located in a shared buffer; an empty batch means
+"nothing arrived for a while" so the consumer can do housekeeping.
 """
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import os
 import struct
 import threading
 import time
-from typing import Iterator, NamedTuple, Protocol
+from typing import Iterable, Iterator, NamedTuple, Optional, Protocol
 
 from .decode import supported_link_types
 
-BATCH_FRAMES = 4096
-READ_CHUNK = 1 << 22
+READ_CHUNK = 1 << 24
+# Frames per batch: large batches amortize the per-flow work; the cap bounds the memory a batch of
+# distinct flows (an address flood) takes.
+BATCH_FRAMES = 32768
 MAX_RECORD = 1 << 28  # no sane capture record is larger; beyond it the file is corrupt
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 # magic -> (byte order, timestamp fraction units per second)
@@ -25,12 +27,52 @@ PCAP_MAGICS = {
 
 
 class Frame(NamedTuple):
-    """One captured frame. Readers on the hot path build plain tuples in this order: cheaper."""
+    """One frame, copied: its length on the wire and its captured bytes (the hot path uses ``FrameBatch``)."""
 
-    timestamp: float
     wire_length: int
-    link_type: int
     data: bytes
+
+
+class FrameBatch:
+    """Frames of one link type, read in place from one buffer: no copy and no object per frame.
+
+    ``spans`` holds ``(start, end, wire_length)`` per frame: the captured bytes are
+    ``buffer[start:end]``; ``wire_length`` is the frame's length on the wire, which can exceed
+    what was captured. ``timestamps`` (seconds) is filled only by sources asked for it.
+    An empty batch means "nothing arrived for a while", so the consumer can do housekeeping.
+    """
+
+    __slots__ = ("link_type", "buffer", "spans", "timestamps")
+
+    def __init__(self, link_type: int, buffer: bytes, spans: list[tuple[int, int, int]],
+                 timestamps: Optional[list[float]] = None):
+        self.link_type = link_type
+        self.buffer = buffer
+        self.spans = spans
+        self.timestamps = timestamps
+
+    @classmethod
+    def of(cls, link_type: int, frames: Iterable[Frame]) -> "FrameBatch":
+        """A batch holding copies of ``frames``."""
+        pieces, spans, position = [], [], 0
+        for wire_length, data in frames:
+            pieces.append(data)
+            spans.append((position, position + len(data), wire_length))
+            position += len(data)
+        return cls(link_type, b"".join(pieces), spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def frames(self) -> Iterator[Frame]:
+        """Each frame, copied out of the buffer (for tests and tools, not the hot path)."""
+        for start, end, wire_length in self.spans:
+            yield Frame(wire_length, bytes(self.buffer[start:end]))
+
+    def part(self, begin: int, end: int) -> "FrameBatch":
+        """Frames ``begin`` to ``end`` of this batch, sharing its buffer."""
+        return FrameBatch(self.link_type, self.buffer, self.spans[begin:end],
+                          None if self.timestamps is None else self.timestamps[begin:end])
 
 
 class SourceError(Exception):
@@ -41,7 +83,7 @@ class Source(Protocol):
     kind: str  # "live" or "pcap"
     name: str  # interface name or file path
 
-    def batches(self, stop: threading.Event) -> Iterator[list[Frame]]: ...
+    def batches(self, stop: threading.Event) -> Iterator[FrameBatch]: ...
 
     def kernel_dropped(self) -> int: ...
 
@@ -58,24 +100,22 @@ class PcapSource:
 
     kind = "pcap"
 
-    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False,
-                 batch_frames: int = BATCH_FRAMES):
+    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False):
         self.name = path
         self.realtime = realtime
         self.loop = loop
-        self.batch_frames = batch_frames
         self._open().close()  # fail at start-up, not in the capture thread, on a missing or foreign file
 
     def kernel_dropped(self) -> int:
         return 0
 
-    def batches(self, stop: threading.Event) -> Iterator[list[Frame]]:
+    def batches(self, stop: threading.Event) -> Iterator[FrameBatch]:
         while True:
             with self._open() as file:
-                frames = _read_frames(file, self.name, self.batch_frames)
+                batches = _read_frames(file, self.name, timestamps=self.realtime)
                 if self.realtime:
-                    frames = _paced(frames, stop)
-                for batch in frames:
+                    batches = _paced(batches, stop)
+                for batch in batches:
                     if stop.is_set():
                         return
                     yield batch
@@ -95,24 +135,24 @@ class PcapSource:
         return file
 
 
-def _read_frames(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
+def _read_frames(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
     if file.read(4) == PCAPNG_MAGIC:
         file.seek(0)
-        return _read_pcapng(file, path, batch_frames)
+        return _read_pcapng(file, path, timestamps)
     file.seek(0)
-    return _read_pcap(file, path, batch_frames)
+    return _read_pcap(file, path, timestamps)
 
 
-def _read_pcap(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
-    """Walk a classic pcap file in large chunks: far cheaper per frame than a record-at-a-time reader."""
+def _read_pcap(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
+    """Walk a classic pcap file in large chunks, noting where each frame lies: no copy per frame."""
     header = file.read(24)
     if len(header) < 24:
         raise SourceError(f"{path}: truncated pcap header")
     order, units = PCAP_MAGICS[header[:4]]
     link_type = struct.unpack(order + "I", header[20:24])[0] & 0x0FFFFFFF  # upper bits: FCS info
     check_link_type(link_type, path)
-    record = struct.Struct(order + "IIII")
-    unpack_from = record.unpack_from
+    lengths = struct.Struct(order + "8xII").unpack_from  # captured, on the wire
+    times = struct.Struct(order + "II").unpack_from  # seconds, fraction
     buffer = b""
     position = 0
     while True:
@@ -122,28 +162,35 @@ def _read_pcap(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
         buffer = buffer[position:] + chunk
         position = 0
         end = len(buffer)
-        batch: list[Frame] = []
-        append = batch.append
-        while position + 16 <= end:
-            seconds, fraction, captured, wire_length = unpack_from(buffer, position)
-            if captured > MAX_RECORD:
-                raise SourceError(f"{path}: corrupt record at byte {file.tell() - end + position}")
-            stop = position + 16 + captured
-            if stop > end:
-                break
-            append((seconds + fraction / units, wire_length or captured, link_type, buffer[position + 16:stop]))
-            position = stop
-            if len(batch) == batch_frames:
+        more = True
+        while more:
+            spans: list[tuple[int, int, int]] = []
+            append = spans.append
+            for _ in range(BATCH_FRAMES):
+                if position + 16 > end:
+                    more = False
+                    break
+                captured, wire_length = lengths(buffer, position)
+                start = position + 16
+                stop = start + captured
+                if stop > end:
+                    if captured > MAX_RECORD:
+                        raise SourceError(f"{path}: corrupt record at byte {file.tell() - end + position}")
+                    more = False
+                    break
+                append((start, stop, wire_length or captured))
+                position = stop
+            if spans:
+                batch = FrameBatch(link_type, buffer, spans)
+                if timestamps:
+                    batch.timestamps = [seconds + fraction / units
+                                        for seconds, fraction in (times(buffer, start - 16) for start, _, _ in spans)]
                 yield batch
-                batch = []
-                append = batch.append
-        if batch:
-            yield batch
     if position != len(buffer):
         raise SourceError(f"{path}: truncated file (last record incomplete)")
 
 
-def _read_pcapng(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
+def _read_pcapng(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
     from scapy.error import Scapy_Exception
     from scapy.utils import RawPcapNgReader
 
@@ -152,8 +199,16 @@ def _read_pcapng(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
     except (Scapy_Exception, EOFError, struct.error, ValueError) as error:
         raise SourceError(f"{path}: corrupt pcapng file ({error})") from None
     checked: set[int] = set()
-    batch: list[Frame] = []
+    link_type = None
+    frames: list[Frame] = []
+    times: list[float] = []
     packets = iter(reader)  # Scapy reads at most 64 KiB of a record: plenty for headers
+
+    def batch() -> FrameBatch:
+        made = FrameBatch.of(link_type, frames)
+        made.timestamps = times if timestamps else None
+        return made
+
     while True:
         try:
             data, meta = next(packets)
@@ -164,35 +219,33 @@ def _read_pcapng(file, path: str, batch_frames: int) -> Iterator[list[Frame]]:
         if meta.linktype not in checked:
             check_link_type(meta.linktype, path)
             checked.add(meta.linktype)
-        timestamp = ((meta.tshigh << 32) + meta.tslow) / meta.tsresol if meta.tsresol else 0.0
-        batch.append((timestamp, meta.wirelen or len(data), meta.linktype, data))
-        if len(batch) == batch_frames:
-            yield batch
-            batch = []
+        if meta.linktype != link_type or len(frames) == BATCH_FRAMES:  # a batch has one link type
+            if frames:
+                yield batch()
+            link_type, frames, times = meta.linktype, [], []
+        frames.append(Frame(meta.wirelen or len(data), data))
+        times.append(((meta.tshigh << 32) + meta.tslow) / meta.tsresol if meta.tsresol else 0.0)
     if file.tell() != os.fstat(file.fileno()).st_size:
         raise SourceError(f"{path}: truncated or corrupt pcapng block at byte {file.tell()}")
-    if batch:
-        yield batch
+    if frames:
+        yield batch()
 
 
-def _paced(batches: Iterator[list[Frame]], stop: threading.Event) -> Iterator[list[Frame]]:
+def _paced(batches: Iterator[FrameBatch], stop: threading.Event) -> Iterator[FrameBatch]:
     """Release frames at the pace their timestamps were recorded."""
     started = time.monotonic()
     first = None
     for batch in batches:
-        pending: list[Frame] = []
-        for frame in batch:
+        begin = 0
+        for index, timestamp in enumerate(batch.timestamps):
             if first is None:
-                first = frame[0]
-            delay = (frame[0] - first) - (time.monotonic() - started)
+                first = timestamp
+            delay = (timestamp - first) - (time.monotonic() - started)
             if delay > 0:
-                if pending:
-                    yield pending
-                    pending = []
+                if index > begin:
+                    yield batch.part(begin, index)
+                    begin = index
                 if stop.wait(delay):
                     return
-            pending.append(frame)
-        if pending:
-            yield pending
-
-
+        if begin < len(batch):
+            yield batch.part(begin, len(batch))

@@ -20,8 +20,8 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
     seen: collections.Counter = collections.Counter()
     read = 0
     for batch in source.batches(threading.Event()):
-        for _timestamp, _wire_length, link_type, data in batch:
-            decoded = decode_frame(link_type, data)
+        for start, end, _wire_length in batch.spans:
+            decoded = decode_frame(batch.link_type, batch.buffer, start, end)
             if decoded.__class__ is not str:
                 seen[decoded[0]] += 1
                 seen[decoded[1]] += 1

@@ -19,7 +19,7 @@ from compat_api.history import History
 from exporter.capture import count_frames
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
 from exporter.config import Config
-from exporter.sources import Frame, PcapSource
+from exporter.sources import Frame, FrameBatch, PcapSource
 from exporter.tally import Tally
 
 SERVER = "192.0.2.1"
@@ -33,7 +33,7 @@ SECONDS_ENDPOINTS = ["/traffic", "/protocols", "/traffic_history"]
 def frame(packet) -> Frame:
     """A captured Ethernet frame (link type 1) built with Scapy."""
     data = bytes(packet)
-    return Frame(0.0, len(data), 1, data)
+    return Frame(len(data), data)
 
 
 def tcp_in(client: str, port: int, size: int = 0) -> Frame:
@@ -54,7 +54,7 @@ def not_server() -> Frame:
 
 def feed(tally: Tally, frames: list[Frame]) -> None:
     """Count frames into the tally as the capture thread does."""
-    tally.record(*count_frames(frames, ServerSet([SERVER]), DEFAULT_PORT_LABELS))
+    tally.record(*count_frames(FrameBatch.of(1, frames), ServerSet([SERVER]), DEFAULT_PORT_LABELS))
 
 
 # Seconds 999..1002: traffic in 999, idle 1000 and 1001 (a missed tick, zero-filled), traffic in 1002.

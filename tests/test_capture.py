@@ -1,5 +1,6 @@
 """Capture: batch counting equals frame-by-frame classification; faults are logged, counted, restarted."""
 import ipaddress
+import itertools
 import logging
 import pathlib
 import random
@@ -14,7 +15,7 @@ from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, classify
 from exporter.collector import build_registry
 from exporter.config import Config
 from exporter.decode import decode_frame
-from exporter.sources import PcapSource
+from exporter.sources import Frame, FrameBatch, PcapSource
 from exporter.tally import Tally
 from tests.test_decode import random_frame
 
@@ -23,12 +24,12 @@ CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
 
 def test_batch_counts_equal_frame_by_frame_classification():
     rng = random.Random(7)
-    frames = [(0.0, rng.randrange(60, 1600), *random_frame(rng)) for _ in range(1000)]
+    frames = [(*random_frame(rng), rng.randrange(60, 1600)) for _ in range(1000)]
     frames += frames[:300]  # repeated flows, within the batch and across batches
-    decoded = [decode_frame(link, data) for _, _, link, data in frames]
+    decoded = [decode_frame(link, data) for link, data, _ in frames]
     servers = ServerSet({str(ipaddress.ip_address(d[0])) for d in decoded[:200] if not isinstance(d, str)})
     expected_counts, expected_ignored = {}, {}
-    for (_, wire, _, _), key in zip(frames, decoded):
+    for (_, _, wire), key in zip(frames, decoded):
         result = key if isinstance(key, str) else classify(key, servers, DEFAULT_PORT_LABELS)
         if isinstance(result, str):
             expected_ignored[result] = expected_ignored.get(result, 0) + 1
@@ -38,8 +39,12 @@ def test_batch_counts_equal_frame_by_frame_classification():
             counter[1] += 1
     counter = FrameCounter(servers, DEFAULT_PORT_LABELS, memo_size=400)  # small: the memo gets cleared
     counts, ignored = {}, {}
-    for start in range(0, len(frames), 256):
-        batch_counts, batch_ignored = counter.count(frames[start:start + 256])
+    batches = [FrameBatch.of(link, [Frame(wire, data) for _, data, wire in group])
+               for start in range(0, len(frames), 256)
+               for link, group in itertools.groupby(sorted(frames[start:start + 256], key=lambda f: f[0]),
+                                                    key=lambda f: f[0])]
+    for batch in batches:
+        batch_counts, batch_ignored = counter.count(batch)
         for key, (nbytes, packets) in batch_counts.items():
             total = counts.setdefault(key, [0, 0])
             total[0] += nbytes
@@ -67,7 +72,7 @@ class FailingOnce:
         for batch in self.inner.batches(stop):
             if not self.failed:
                 self.failed = True
-                yield batch[:1]
+                yield batch.part(0, 1)
                 raise RuntimeError("injected fault")
             yield batch
 

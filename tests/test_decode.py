@@ -14,7 +14,7 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from exporter.decode import MALFORMED, NOT_IP, decode_frame, supported_link_types
+from exporter.decode import MALFORMED, NOT_IP, decode_frame, decode_key, frame_key, sum_by_key, supported_link_types
 from exporter.sources import PcapSource, SourceError
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
@@ -145,6 +145,19 @@ def is_decoded(result):
     return isinstance(result, tuple) and len(result) == 5
 
 
+# Bytes around a frame inside a capture buffer: a whole IPv4/TCP frame, so that reading past the
+# frame's end would decode to something plausible -- and wrong.
+SURROUNDINGS = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.1", dst="198.51.100.2") / TCP(sport=1, dport=2))
+
+
+def decode_in_buffer(link_type: int, data: bytes):
+    """The batch path: the frame inside a larger buffer, filed by ``sum_by_key``, decoded by its key."""
+    buffer = SURROUNDINGS[:13] + data + SURROUNDINGS
+    assert frame_key(link_type, buffer, 13, 13 + len(data)) == frame_key(link_type, data)
+    (key,) = sum_by_key(link_type, buffer, [(13, 13 + len(data), 1)])
+    return decode_key(key)
+
+
 def test_decode_agrees_with_scapy_dissection_on_random_frames():
     rng = random.Random(20261125)
     kinds = set()
@@ -154,6 +167,7 @@ def test_decode_agrees_with_scapy_dissection_on_random_frames():
         assert is_decoded(decoded), (link_type, data.hex())
         expected = scapy_view(link_type, data)
         assert as_view(decoded) == expected, (link_type, data.hex())
+        assert decode_in_buffer(link_type, data) == decoded, (link_type, data.hex())
         kinds.add((link_type, len(decoded[0]), decoded[3] >= 0))
     # the generator really covered every link type, both IP versions, with and without ports
     assert {k[0] for k in kinds} == supported_link_types() - {108}
@@ -209,6 +223,7 @@ def test_extension_chain_running_past_the_data_keeps_addresses():
 def test_random_bytes_never_raise(link_type, data):
     result = decode_frame(link_type, data)
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
+    assert decode_in_buffer(link_type, data) == result
 
 
 @settings(max_examples=1500, deadline=None)
@@ -222,6 +237,7 @@ def test_mutated_real_frames_never_raise(seed, mutations, cut):
     frame = bytes(frame[:cut % (len(frame) + 1)])
     result = decode_frame(link_type, frame)
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
+    assert decode_in_buffer(link_type, frame) == result
     if is_decoded(result):
         assert len(result[0]) == len(result[1]) in (4, 16)
 
@@ -231,7 +247,7 @@ def corpus_frames():
     for path in sorted(CORPUS.iterdir()):
         try:
             for batch in PcapSource(str(path)).batches(threading.Event()):
-                frames.extend((link_type, data) for _, _, link_type, data in batch[:200])
+                frames.extend((batch.link_type, frame.data) for frame in list(batch.frames())[:200])
         except SourceError:
             pass  # a truncated fuzz file: the frames read before the error are kept
     return frames
@@ -249,5 +265,57 @@ def test_mutated_corpus_frames_never_raise(index, mutations, cut):
     frame = bytearray(data) or bytearray(1)
     for position, value in mutations:
         frame[position % len(frame)] = value
-    result = decode_frame(link_type, bytes(frame[:cut % (len(frame) + 1)]))
+    frame = bytes(frame[:cut % (len(frame) + 1)])
+    result = decode_frame(link_type, frame)
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
+    assert decode_in_buffer(link_type, frame) == result
+
+
+@pytest.mark.parametrize("network", [
+    IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=40000, dport=443),
+    IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=40000, dport=53),
+])
+def test_frames_of_one_flow_are_summed_under_one_key(network):
+    # What changes from packet to packet (TTL, identification, checksums, lengths, payload, the VLAN
+    # tag) must not split a flow: the batch is decoded once per key.
+    variants = []
+    for index in range(6):
+        packet = network.copy()
+        if IP in packet:
+            packet[IP].ttl, packet[IP].id = 64 - index, index * 7919
+        else:
+            packet[IPv6].hlim, packet[IPv6].fl = 64 - index, index
+        layers = Dot1Q(vlan=index) / packet if index % 2 else packet
+        variants.append(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / layers
+                              / (b"x" * (20 + 100 * index))))
+    buffer = b"".join(variants)
+    spans, position = [], 0
+    for data in variants:
+        spans.append((position, position + len(data), len(data) + 4))
+        position += len(data)
+    sums = sum_by_key(1, buffer, spans)
+    assert len(sums) == 1
+    (key, total), = sums.items()
+    assert total == [sum(len(data) + 4 for data in variants), len(variants)]
+    assert decode_key(key) == decode_frame(1, variants[0])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(seed=st.integers(0, 2**32), mutations=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), max_size=3),
+       cut=st.integers(30, 200))
+def test_common_frames_mutated_or_cut_decode_the_same_by_key(seed, mutations, cut):
+    # Frames near the fast path's shapes (Ethernet, maybe one VLAN tag, IPv4/IPv6, TCP/UDP/ICMP),
+    # with header bytes changed or cut short: the keyed path must fall back exactly where it should.
+    rng = random.Random(seed)
+    version = rng.choice([4, 6])
+    network = (IP(src=random_address(rng, 4), dst=random_address(rng, 4), frag=rng.choice([0, 0, 0, 5]))
+               if version == 4 else IPv6(src=random_address(rng, 6), dst=random_address(rng, 6)))
+    transport = rng.choice([TCP(sport=rng.randrange(65536), dport=80), UDP(sport=53, dport=rng.randrange(65536)),
+                            ICMP() if version == 4 else ICMPv6EchoRequest()])
+    packet = network / transport / Raw(bytes(rng.randrange(64)))
+    ether = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    frame = bytearray(bytes(ether / Dot1Q(vlan=rng.randrange(4096)) / packet if rng.random() < 0.3 else ether / packet))
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    frame = bytes(frame[:cut])
+    assert decode_in_buffer(1, frame) == decode_frame(1, frame)

@@ -14,7 +14,7 @@ from compat_api.history import MAX_BUCKET_CLIENTS, Bucket, History, compress
 from exporter.capture import count_frames
 from exporter.persistence import restore, save_state
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet
-from exporter.sources import Frame
+from exporter.sources import Frame, FrameBatch
 from exporter.tally import OTHER_CLIENT, Tally
 
 SERVER = "192.0.2.1"
@@ -26,7 +26,7 @@ IP_SRC_OFFSET = 14 + 12  # Ethernet header, then the IPv4 source address
 def frame(packet) -> Frame:
     """A captured Ethernet frame from a Scapy packet."""
     data = bytes(packet)
-    return Frame(0.0, len(data), LINKTYPE_ETHERNET, data)
+    return Frame(len(data), data)
 
 
 def http_request(client: str, payload: bytes = b"") -> Frame:
@@ -39,7 +39,7 @@ def dns_answer(client: str, payload: bytes = b"") -> Frame:
 
 def feed(tally: Tally, frames: list[Frame]) -> int:
     """Count ``frames`` into ``tally`` the way the capture thread does; return their bytes."""
-    tally.record(*count_frames(frames, SERVERS, DEFAULT_PORT_LABELS))
+    tally.record(*count_frames(FrameBatch.of(LINKTYPE_ETHERNET, frames), SERVERS, DEFAULT_PORT_LABELS))
     return sum(f.wire_length for f in frames)
 
 
@@ -50,7 +50,7 @@ def many_clients(count: int) -> list[Frame]:
     for index in range(count):
         packed = ipaddress.IPv4Address("10.0.0.0") + index + 1
         data = template[:IP_SRC_OFFSET] + packed.packed + template[IP_SRC_OFFSET + 4:]
-        frames.append(Frame(0.0, len(data) + index % 7, LINKTYPE_ETHERNET, data))
+        frames.append(Frame(len(data) + index % 7, data))
     return frames
 
 

@@ -5,17 +5,18 @@ import errno
 import struct
 
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, PadN
 from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
 
 from exporter import config as config_module
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, decode_frame
-from exporter.live import (ETH_P_8021Q, PACKET_OUTGOING, RING_RETIRE_MS, SKF_AD_OFF, SKF_AD_PKTTYPE,
+from exporter.live import (CAPTURE_SNAPLEN, ETH_P_8021Q, PACKET_OUTGOING, RING_RETIRE_MS, SKF_AD_OFF, SKF_AD_PKTTYPE,
                            SKF_AD_PROTOCOL, TP_STATUS_USER, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
                            FilterError, adapt_bpf_for_kernel, compile_bpf, default_route_interface,
                            insert_vlan_tag, permission_message, read_block, restore_frame, ring_request,
                            sll_header, vlan_tag)
+from exporter.sources import Frame
 
 PROC_NET_ROUTE = """\
 Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -160,23 +161,25 @@ def test_sll_header_truncates_long_hardware_addresses_to_8_bytes_but_keeps_their
 def test_read_block_returns_each_frame_of_a_block_following_next_offsets():
     frames = [ethernet_udp(b"a" * 10), ethernet_udp(b"b" * 333), ethernet_udp(b"c" * 1)]
     block = ring_block([RingFrame(frame) for frame in frames])
-    assert read_block(block, 0, LINKTYPE_ETHERNET, 0, 12.5) == [(12.5, len(f), LINKTYPE_ETHERNET, f) for f in frames]
+    batch = read_block(block, 0, LINKTYPE_ETHERNET, 0)
+    assert batch.link_type == LINKTYPE_ETHERNET
+    assert list(batch.frames()) == [Frame(len(f), f) for f in frames]
 
 
 def test_read_block_reads_a_block_at_its_offset_in_the_ring_and_honours_offset_to_first_packet():
     frame = ethernet_udp()
     block = ring_block([RingFrame(frame), RingFrame(frame)], lead=b"\xff" * 4096, first_offset=64)
-    assert read_block(block, 4096, LINKTYPE_ETHERNET, 0, 1.0) == [(1.0, len(frame), LINKTYPE_ETHERNET, frame)] * 2
+    assert list(read_block(block, 4096, LINKTYPE_ETHERNET, 0).frames()) == [Frame(len(frame), frame)] * 2
 
 
 def test_read_block_returns_nothing_for_an_empty_block():
-    assert read_block(ring_block([]), 0, LINKTYPE_ETHERNET, 0, 1.0) == []
+    assert len(read_block(ring_block([]), 0, LINKTYPE_ETHERNET, 0)) == 0
 
 
 def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied():
     aggregate = ethernet_udp(b"y" * 200)[:96]  # a GRO aggregate cut short by the snap length
-    frames = read_block(ring_block([RingFrame(aggregate, wire_length=65014)]), 0, LINKTYPE_ETHERNET, 0, 1.0)
-    assert frames == [(1.0, 65014, LINKTYPE_ETHERNET, aggregate)]
+    batch = read_block(ring_block([RingFrame(aggregate, wire_length=65014)]), 0, LINKTYPE_ETHERNET, 0)
+    assert list(batch.frames()) == [Frame(65014, aggregate)]
 
 
 def test_read_block_puts_back_stripped_vlan_tags_from_the_frame_header():
@@ -191,9 +194,8 @@ def test_read_block_puts_back_stripped_vlan_tags_from_the_frame_header():
         RingFrame(qinq[:12] + qinq[16:], tci=20, tpid=0x88A8,
                   status=TP_STATUS_USER | TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID),
     ])
-    assert read_block(block, 0, LINKTYPE_ETHERNET, 0, 1.0) == [
-        (1.0, len(tagged), LINKTYPE_ETHERNET, tagged), (1.0, len(plain), LINKTYPE_ETHERNET, plain),
-        (1.0, len(qinq), LINKTYPE_ETHERNET, qinq)]
+    assert list(read_block(block, 0, LINKTYPE_ETHERNET, 0).frames()) == [
+        Frame(len(tagged), tagged), Frame(len(plain), plain), Frame(len(qinq), qinq)]
 
 
 def test_read_block_builds_cooked_frames_from_the_sockaddr_ll_after_each_header():
@@ -204,9 +206,9 @@ def test_read_block_builds_cooked_frames_from_the_sockaddr_ll_after_each_header(
         RingFrame(payload, mac=COOKED_MAC_OFFSET, status=TP_STATUS_USER | TP_STATUS_VLAN_VALID, tci=7,
                   pkttype=PACKET_PACKET_OTHERHOST, address=mac),
     ])
-    (_, plain_length, link_type, plain), (_, tagged_length, _, tagged) = read_block(
-        block, 0, LINKTYPE_LINUX_SLL, 0, 1.0)
-    assert link_type == LINKTYPE_LINUX_SLL
+    batch = read_block(block, 0, LINKTYPE_LINUX_SLL, 0)
+    (plain_length, plain), (tagged_length, tagged) = batch.frames()
+    assert batch.link_type == LINKTYPE_LINUX_SLL
     assert (plain_length, plain) == (len(payload) + 16, bytes(
         CookedLinux(pkttype=PACKET_OUTGOING, lladdrtype=1, lladdrlen=6, src=mac + b"\0\0", proto=0x0800)) + payload)
     assert tagged_length == len(payload) + 20
@@ -222,8 +224,8 @@ def test_read_block_skips_outgoing_copies_on_the_loopback_only():
         RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_PACKET_HOST),  # loopback, received
         RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=2, pkttype=PACKET_OUTGOING),  # sent on eth0
     ])
-    frames = read_block(block, 0, LINKTYPE_LINUX_SLL, 1, 1.0)
-    kept = [(struct.unpack_from("!H", frame[3])[0], frame[3][16:]) for frame in frames]
+    frames = read_block(block, 0, LINKTYPE_LINUX_SLL, 1).frames()
+    kept = [(struct.unpack_from("!H", data)[0], data[16:]) for _, data in frames]
     assert kept == [(PACKET_PACKET_HOST, payload), (PACKET_OUTGOING, payload)]
 
 
@@ -282,10 +284,19 @@ def test_compile_bpf_reports_the_compiler_message():
         compile_bpf("tcp and and", LINKTYPE_ETHERNET)
 
 
-def test_adapt_bpf_never_trims_accepted_frames():
+def test_adapt_bpf_keeps_the_capture_snaplen_of_accepted_frames():
     program = adapt_bpf_for_kernel(compile_bpf("udp", LINKTYPE_ETHERNET), cooked=False)
     returns = {k for code, _jt, _jf, k in program if code & 0x07 == 0x06}
-    assert returns == {0, 262144}
+    assert returns == {0, CAPTURE_SNAPLEN}
+
+
+def test_capture_snaplen_holds_every_header_the_decoder_reads():
+    # QinQ, IPv6 with 136 bytes of extension headers, TCP: cut to the snap length, it decodes the same.
+    frame = bytes(Ether() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / IPv6(src="fd00::2", dst="fd00::1")
+                  / IPv6ExtHdrHopByHop(options=[PadN(optdata=b"\0" * 62)]) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 62)])
+                  / TCP(sport=40000, dport=443) / (b"x" * 1000))
+    assert decode_frame(LINKTYPE_ETHERNET, frame[:CAPTURE_SNAPLEN]) == decode_frame(LINKTYPE_ETHERNET, frame)
+    assert decode_frame(LINKTYPE_ETHERNET, frame[:CAPTURE_SNAPLEN])[3:] == (40000, 443)
 
 
 def test_adapt_bpf_maps_cooked_header_fields_to_kernel_ancillary_loads():
