@@ -10,6 +10,7 @@ Once started, live capture never exits on capture errors: it reports them and re
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -176,6 +177,7 @@ def run_serve(config: Config) -> int:
         log.info("switched to user %s%s", config.user, " keeping only CAP_NET_RAW" if kept else "")
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
+    gc.freeze()
     capture.start()
     history.start()
     if saver:

@@ -4,13 +4,15 @@ the kernel's Documentation/networking/packet_mmap.rst).
 Scapy finds the interface and its addresses and compiles the BPF filter (through libpcap). Frames
 are read from a ring shared with the kernel, as libpcap reads them: the kernel fills blocks of
 frames and hands a block over when it is full or after ``RING_RETIRE_MS``; one ``poll`` per block,
-not a system call per frame, keeps the per-frame cost small. The kernel hands a packet socket
-frames that differ from what is on the wire in two ways, both undone here the way libpcap does it:
+no system call and no copy per frame: a block is counted in place, then handed back. Only the
+first ``CAPTURE_SNAPLEN`` bytes of a frame, its headers, reach the ring (the filter's return
+value), so the ring holds many frames. What the kernel hands a packet socket differs from what
+was on the wire in two ways, both accounted for as libpcap does:
 
 - VLAN tags stripped by the NIC or by veth arrive out of band, in the frame's ``tpacket3_hdr``;
-  the 4-byte tag is put back after the MAC addresses (and counted in the length).
-- GRO/TSO aggregates can be far larger than the MTU; a ring block holds them, and the frame's
-  full length comes from ``tp_len`` whatever was copied.
+  their 4 bytes are counted in the frame's length.
+- GRO/TSO aggregates can be far larger than the MTU; the frame's full length comes from ``tp_len``
+  whatever was copied.
 """
 from __future__ import annotations
 
@@ -30,16 +32,16 @@ import threading
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 from .decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
-from .sources import FrameBatch, SourceError
+from .sources import Frame, FrameBatch, SourceError
 
 log = logging.getLogger(__name__)
 
 ANY_INTERFACE = "any"
 IDLE_SECONDS = 0.5
-RING_BYTES = 128 << 20  # kernel memory mapped into the process; ~200k frames of 600 bytes
-RING_BLOCK_BYTES = 1 << 20  # one block -> one batch; larger than any GRO/TSO or BIG TCP aggregate
+RING_BYTES = 128 << 20  # kernel memory mapped into the process; ~400k frames
+RING_BLOCK_BYTES = 4 << 20  # one block -> one batch: up to ~12k frames of CAPTURE_SNAPLEN
 MINIMUM_RING_BYTES = 4 << 20  # the smallest ring asked for when the kernel is short of memory
-RING_RETIRE_MS = 20  # a block is handed over after this long even if not full
+RING_RETIRE_MS = 250  # a block is handed over after this long even if not full (tcpdump: 1000)
 # Bytes of each frame copied into the ring: every header the decoder reads (Ethernet, VLAN tags,
 # IPv4 options or IPv6 extension headers, ports) fits; lengths come from the frame's tp_len.
 CAPTURE_SNAPLEN = 256
@@ -84,8 +86,8 @@ ARPHRD_RAWIP = 519
 ARPHRD_NONE = 0xFFFE
 RAW_LINK_TYPES = {ARPHRD_ETHER: LINKTYPE_ETHERNET, ARPHRD_LOOPBACK: LINKTYPE_ETHERNET,
                   ARPHRD_RAWIP: LINKTYPE_RAW, ARPHRD_NONE: LINKTYPE_RAW}
-# Where a re-inserted VLAN tag goes: after the MAC addresses, or after SLL's header minus its protocol.
-VLAN_OFFSETS = {LINKTYPE_ETHERNET: 12, LINKTYPE_LINUX_SLL: 14}
+VLAN_TAG = struct.Struct("!HH")  # TPID, TCI
+SLL_VLAN_OFFSET = 14  # a cooked frame's VLAN tag goes before the SLL header's protocol field
 IFF_UP = 0x1
 
 # Errors meaning "the interface went away or down": the capture restarts when it is back.
@@ -220,11 +222,6 @@ def vlan_tag(status: int, tci: int, tpid: int) -> Optional[tuple[int, int]]:
     return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
 
 
-def insert_vlan_tag(frame: bytes, offset: int, tpid: int, tci: int) -> bytes:
-    """Put back a VLAN tag the kernel moved out of band, at ``offset`` (12 for Ethernet, 14 for SLL)."""
-    return frame[:offset] + struct.pack("!HH", tpid, tci) + frame[offset:]
-
-
 def sll_header(pkttype: int, hatype: int, address_length: int, address: bytes, protocol: bytes) -> bytes:
     """The 16-byte LINKTYPE_LINUX_SLL header libpcap builds from a packet socket's sockaddr_ll.
 
@@ -234,68 +231,56 @@ def sll_header(pkttype: int, hatype: int, address_length: int, address: bytes, p
     return SLL_HEADER.pack(pkttype, hatype, address_length, address[:8], protocol)
 
 
-def restore_frame(link_type: int, data: bytes, wire_length: int, tag: Optional[tuple[int, int]],
-                  cooked_header: bytes = b"") -> tuple[int, bytes]:
-    """(wire length, frame bytes) as libpcap records them, from what the kernel delivered.
-
-    ``cooked_header`` (the SLL header, for cooked captures) goes in front; a VLAN ``tag`` (TPID,
-    TCI) the kernel stripped is put back (+4 bytes).
-    """
-    if cooked_header:
-        data = cooked_header + data
-        wire_length += len(cooked_header)
+def cooked_frame(data: bytes, wire_length: int, tag: Optional[tuple[int, int]], header: bytes) -> Frame:
+    """A frame of a cooked capture as libpcap records it: the SLL ``header`` in front, and a VLAN
+    ``tag`` (TPID, TCI) the kernel took out put back before the SLL protocol field (+4 bytes)."""
     if tag is not None:
-        offset = VLAN_OFFSETS.get(link_type)
-        if offset is not None and len(data) >= offset:
-            data = insert_vlan_tag(data, offset, *tag)
-            wire_length += 4
-    return wire_length, data
+        header = header[:SLL_VLAN_OFFSET] + VLAN_TAG.pack(*tag) + header[SLL_VLAN_OFFSET:]
+    return Frame(wire_length + len(header), header + data)
 
 
 def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) -> FrameBatch:
     """The frames of one TPACKET_V3 ring block the kernel handed over (its status has TP_STATUS_USER).
 
     ``ring`` is the mapped ring (or any bytes-like object whose slices are bytes), ``block_start``
-    the block's offset in it. The block's frames are copied out at once, so the block can go back to
-    the kernel. Frames come out as libpcap records them (see ``restore_frame``). Outgoing frames of
-    interface index ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show
-    up twice, outgoing and incoming, and libpcap keeps one.
+    the block's offset in it. Frames are read in place: the batch's buffer is ``ring`` itself, valid
+    until the block goes back to the kernel. Cooked frames are the exception: each is rebuilt with
+    its SLL header, as libpcap records it (see ``cooked_frame``), into a buffer of their own.
+    A VLAN tag the kernel took out of an Ethernet frame is counted (4 bytes more on the wire) but
+    not put back: the frame decodes the same without it. Outgoing frames of interface index
+    ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show up twice,
+    outgoing and incoming, and libpcap keeps one.
     """
     packet_count, offset = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
     offset += block_start
     cooked = link_type == LINKTYPE_LINUX_SLL
+    ethernet = link_type == LINKTYPE_ETHERNET
+    inspect_all = cooked or skip_outgoing_on
     unpack_header = PACKET_HEADER.unpack_from
     spans: list[tuple[int, int, int]] = []
     append = spans.append
-    restored: list[tuple[int, int, bytes]] = []  # (index in spans, wire length, frame) of rebuilt frames
-    used = 0  # bytes of the block up to the end of its last frame
+    rebuilt: list[Frame] = []
     for _ in range(packet_count):
         header = offset
         next_offset, snaplen, wire_length, status, mac, tci = unpack_header(ring, header)
         offset += next_offset
-        start = header + mac - block_start
-        used = start + snaplen
-        if cooked or skip_outgoing_on or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case
+        start = header + mac
+        if inspect_all or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case
             protocol, ifindex, hatype, pkttype, address_length, address = \
                 SOCKADDR_LL.unpack_from(ring, header + SOCKADDR_LL_OFFSET)
             if pkttype == PACKET_OUTGOING and ifindex == skip_outgoing_on:
                 continue
             tag = vlan_tag(status, tci, VLAN_TPID.unpack_from(ring, header + VLAN_TPID_OFFSET)[0])
-            if cooked or tag is not None:
-                restored.append((len(spans), *restore_frame(
-                    link_type, ring[start + block_start:used + block_start], wire_length, tag,
-                    sll_header(pkttype, hatype, address_length, address, protocol) if cooked else b"")))
-        append((start, used, wire_length))
-    buffer = ring[block_start:block_start + used]
-    if restored:  # rebuilt frames go after the block's bytes
-        pieces = [buffer]
-        position = used
-        for index, wire_length, data in restored:
-            pieces.append(data)
-            spans[index] = (position, position + len(data), wire_length)
-            position += len(data)
-        buffer = b"".join(pieces)
-    return FrameBatch(link_type, buffer, spans)
+            if cooked:
+                rebuilt.append(cooked_frame(ring[start:start + snaplen], wire_length, tag,
+                                            sll_header(pkttype, hatype, address_length, address, protocol)))
+                continue
+            if tag is not None and ethernet:
+                wire_length += VLAN_TAG.size
+        append((start, start + snaplen, wire_length))
+    if cooked:
+        return FrameBatch.of(link_type, rebuilt)
+    return FrameBatch(link_type, ring, spans)
 
 
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
@@ -529,10 +514,11 @@ class LiveSource:
                             raise OSError(code, os.strerror(code))
                     continue
                 batch = read_block(ring, start, self.link_type, self._loopback_index)
-                BLOCK_STATUS.pack_into(ring, start + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)  # the kernel's again
-                self._block = (self._block + 1) % block_count
                 if batch:
-                    yield batch
+                    yield batch  # counted in place: the block goes back to the kernel only afterwards
+                    batch.spans = []  # whatever is kept of it must not read a block the kernel refills
+                BLOCK_STATUS.pack_into(ring, start + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
+                self._block = (self._block + 1) % block_count
         except OSError as error:
             if error.errno in INTERFACE_GONE:
                 raise SourceError(f"{self.name}: interface went down or was removed ({error.strerror})") from None

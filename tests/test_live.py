@@ -10,11 +10,11 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, PadN
 from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
 
 from exporter import config as config_module
-from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, decode_frame
+from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, decode_frame
 from exporter.live import (CAPTURE_SNAPLEN, ETH_P_8021Q, PACKET_OUTGOING, RING_RETIRE_MS, SKF_AD_OFF, SKF_AD_PKTTYPE,
                            SKF_AD_PROTOCOL, TP_STATUS_USER, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
                            FilterError, adapt_bpf_for_kernel, compile_bpf, default_route_interface,
-                           insert_vlan_tag, permission_message, read_block, restore_frame, ring_request,
+                           cooked_frame, permission_message, read_block, ring_request,
                            sll_header, vlan_tag)
 from exporter.sources import Frame
 
@@ -109,28 +109,11 @@ def test_vlan_tag_treats_a_nonzero_tci_as_a_tag_like_libpcap():
     assert vlan_tag(0, 5, 0) == (ETH_P_8021Q, 5)
 
 
-def test_insert_vlan_tag_rebuilds_the_frame_scapy_built():
-    tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10, prio=3)
-                   / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / b"query")
-    stripped = tagged[:12] + tagged[16:]  # what veth hands a packet socket: tag out of band
-    assert insert_vlan_tag(stripped, 12, 0x8100, (3 << 13) | 10) == tagged
-
-
-def test_restore_frame_puts_a_stripped_8021q_tag_back_and_counts_its_4_bytes():
-    tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
-                   / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / (b"x" * 100))
-    stripped = tagged[:12] + tagged[16:]
-    wire_length, data = restore_frame(LINKTYPE_ETHERNET, stripped, len(stripped), (ETH_P_8021Q, 10))
-    assert (wire_length, data) == (len(tagged), tagged)
-    assert Ether(data)[Dot1Q].vlan == 10
-    assert tuple(decode_frame(LINKTYPE_ETHERNET, data)) == (bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]), 17, 1234, 53)
-
-
-def test_restore_frame_builds_the_sll_header_libpcap_builds_for_cooked_frames():
+def test_cooked_frame_builds_the_sll_header_libpcap_builds():
     payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
     mac = b"\x02\x00\x00\x00\x00\x01"
     header = sll_header(PACKET_OUTGOING, 1, 6, mac + b"\0\0", b"\x08\x00")
-    wire_length, data = restore_frame(LINKTYPE_LINUX_SLL, payload, len(payload), None, header)
+    wire_length, data = cooked_frame(payload, len(payload), None, header)
     assert wire_length == len(payload) + 16
     expected = bytes(CookedLinux(pkttype=PACKET_OUTGOING, lladdrtype=1, lladdrlen=6, src=mac + b"\0\0",
                                  proto=0x0800) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353)
@@ -139,18 +122,13 @@ def test_restore_frame_builds_the_sll_header_libpcap_builds_for_cooked_frames():
     assert decode_frame(LINKTYPE_LINUX_SLL, data)[2:] == (17, 53, 5353)
 
 
-def test_restore_frame_inserts_a_cooked_vlan_tag_before_the_sll_protocol():
+def test_cooked_frame_inserts_a_vlan_tag_before_the_sll_protocol():
     payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2))
     header = sll_header(0, 1, 6, bytes(8), b"\x08\x00")
-    wire_length, data = restore_frame(LINKTYPE_LINUX_SLL, payload, len(payload), (ETH_P_8021Q, 7), header)
+    wire_length, data = cooked_frame(payload, len(payload), (ETH_P_8021Q, 7), header)
     assert wire_length == len(payload) + 16 + 4
     assert data[14:20] == bytes.fromhex("8100 0007 0800")
     assert decode_frame(LINKTYPE_LINUX_SLL, data)[2:] == (17, 1, 2)
-
-
-def test_restore_frame_leaves_raw_ip_frames_untagged():
-    payload = bytes(IP() / UDP())
-    assert restore_frame(LINKTYPE_RAW, payload, len(payload), (ETH_P_8021Q, 7)) == (len(payload), payload)
 
 
 def test_sll_header_truncates_long_hardware_addresses_to_8_bytes_but_keeps_their_length():
@@ -182,7 +160,7 @@ def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied()
     assert list(batch.frames()) == [Frame(65014, aggregate)]
 
 
-def test_read_block_puts_back_stripped_vlan_tags_from_the_frame_header():
+def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_tagged():
     tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
                    / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / (b"x" * 100))
     qinq = bytes(Ether() / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
@@ -194,8 +172,19 @@ def test_read_block_puts_back_stripped_vlan_tags_from_the_frame_header():
         RingFrame(qinq[:12] + qinq[16:], tci=20, tpid=0x88A8,
                   status=TP_STATUS_USER | TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID),
     ])
-    assert list(read_block(block, 0, LINKTYPE_ETHERNET, 0).frames()) == [
-        Frame(len(tagged), tagged), Frame(len(plain), plain), Frame(len(qinq), qinq)]
+    batch = read_block(block, 0, LINKTYPE_ETHERNET, 0)
+    assert [wire_length for wire_length, _ in batch.frames()] == [len(tagged), len(plain), len(qinq)]
+    assert [decode_frame(LINKTYPE_ETHERNET, data) for _, data in batch.frames()] == [
+        decode_frame(LINKTYPE_ETHERNET, frame) for frame in (tagged, plain, qinq)]
+
+
+def test_read_block_reads_frames_in_place_in_the_ring():
+    frame = ethernet_udp()
+    block = ring_block([RingFrame(frame)])
+    batch = read_block(block, 0, LINKTYPE_ETHERNET, 0)
+    assert batch.buffer is block
+    (start, end, _), = batch.spans
+    assert block[start:end] == frame
 
 
 def test_read_block_builds_cooked_frames_from_the_sockaddr_ll_after_each_header():
@@ -229,9 +218,9 @@ def test_read_block_skips_outgoing_copies_on_the_loopback_only():
     assert kept == [(PACKET_PACKET_HOST, payload), (PACKET_OUTGOING, payload)]
 
 
-def test_ring_request_uses_megabyte_blocks_one_frame_each_and_the_retire_timeout():
+def test_ring_request_uses_4_mib_blocks_one_frame_each_and_the_retire_timeout():
     block_size, blocks, frame_size, frames, retire_ms, priv, features = ring_request(64 << 20)
-    assert (block_size, blocks) == (1 << 20, 64)
+    assert (block_size, blocks) == (4 << 20, 16)
     assert (frame_size, frames) == (block_size, blocks)  # TPACKET_V3 packs frames of any size into a block
     assert (retire_ms, priv, features) == (RING_RETIRE_MS, 0, 0)
 
@@ -266,7 +255,7 @@ def ring_only_source(ring_bytes: int):
 def test_the_ring_is_halved_while_the_kernel_lacks_memory_and_the_shrink_is_logged_once(caplog):
     source = ring_only_source(128 << 20)
     sock = ShortOfMemorySocket(limit=40 << 20)
-    assert source._request_ring(sock)[:2] == (1 << 20, 32)
+    assert source._request_ring(sock)[:2] == (4 << 20, 8)
     assert sock.asked == [128 << 20, 64 << 20, 32 << 20]
     source._request_ring(ShortOfMemorySocket(limit=40 << 20))
     assert [record.getMessage() for record in caplog.records] == [
