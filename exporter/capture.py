@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 from .classify import ServerSet, classify
 from .decode import decode_key, sum_by_key

@@ -1,7 +1,9 @@
 """Decode a captured frame's raw bytes down to its outermost IP header and transport ports.
 
-Pure and allocation-light: this runs once per frame. It never raises; frames it cannot read
-come back as ``MALFORMED`` and frames without an IP header as ``NOT_IP``.
+Pure and allocation-light, reading frames in place in their capture buffer. ``decode_frame`` decodes
+one frame; ``sum_by_key`` sums a whole batch per flow with one struct unpack for common frames, and
+``decode_key`` decodes each flow once. Nothing here raises: frames that cannot be read come back
+as ``MALFORMED`` and frames without an IP header as ``NOT_IP``.
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ IPV6_EXTENSION_HEADERS = frozenset((0, 43, 60))
 # The outermost IP header of a frame as a plain tuple (cheaper to build than a named one):
 # (src, dst, ip_proto, sport, dport) -- packed 4- or 16-byte addresses, the transport protocol after
 # IPv6 extension headers, and the ports, -1 when the frame carries none we can read.
-# Equal frames give equal tuples, so a batch can be summed per flow before classification.
 Decoded = Tuple[bytes, bytes, int, int, int]
 DecodeResult = Union[Decoded, str]
 
@@ -108,12 +109,6 @@ def sum_by_key(link_type: int, data: bytes, spans: Iterable[tuple[int, int, int]
             total[0] += wire_length
             total[1] += 1
     return sums
-
-
-def frame_key(link_type: int, data: bytes, start: int = 0, end: Optional[int] = None) -> Hashable:
-    """The key ``sum_by_key`` files the frame ``data[start:end]`` under."""
-    (key,) = sum_by_key(link_type, data, [(start, len(data) if end is None else end, 0)])
-    return key
 
 
 def decode_key(key: tuple) -> DecodeResult:

@@ -14,7 +14,7 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from exporter.decode import MALFORMED, NOT_IP, decode_frame, decode_key, frame_key, sum_by_key, supported_link_types
+from exporter.decode import MALFORMED, NOT_IP, decode_frame, decode_key, sum_by_key, supported_link_types
 from exporter.sources import PcapSource, SourceError
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
@@ -153,7 +153,6 @@ SURROUNDINGS = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / I
 def decode_in_buffer(link_type: int, data: bytes):
     """The batch path: the frame inside a larger buffer, filed by ``sum_by_key``, decoded by its key."""
     buffer = SURROUNDINGS[:13] + data + SURROUNDINGS
-    assert frame_key(link_type, buffer, 13, 13 + len(data)) == frame_key(link_type, data)
     (key,) = sum_by_key(link_type, buffer, [(13, 13 + len(data), 1)])
     return decode_key(key)
 
