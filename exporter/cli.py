@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 from .capture import Capture
 from .classify import ServerSet
 from .config import SUMMARIZE_OPTIONS, Config, ConfigError, parse_config
-from .live import (CapturePermissionError, FilterError, InterfaceNotFound, LiveSource, default_interface,
-                   drop_privileges, server_addresses)
+from .live import (CapturePermissionError, FanoutError, FilterError, InterfaceNotFound, LiveSource,
+                   default_interface, drop_privileges, server_addresses)
 from .persistence import PeriodicSaver, restore
 from .sources import PcapSource, SourceError
 from .summarize import format_table, most_frequent_address, summarize
@@ -81,9 +81,12 @@ def _open_live(config: Config) -> tuple[LiveSource, ServerSet]:
     except InterfaceNotFound as error:
         raise ConfigError(f"--interface: {error}") from None
     try:
-        source = LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20)
+        source = LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20,
+                            fanout_group=config.fanout_group)
     except FilterError as error:
         raise ConfigError(f"--filter: {error}") from None
+    except FanoutError as error:
+        raise ConfigError(f"--fanout-group: {error}") from None
     except InterfaceNotFound as error:
         raise ConfigError(f"--interface: {error}") from None
     except CapturePermissionError as error:
@@ -136,6 +139,8 @@ def run_serve(config: Config) -> int:
         config = demo_config(config)
     if config.user and config.pcap:
         raise ConfigError("--user: only applies to live capture (a pcap replay needs no privileges)")
+    if config.fanout_group is not None and config.pcap:
+        raise ConfigError("--fanout-group: only applies to live capture")
     if config.user and os.geteuid() != 0:
         raise ConfigError("--user: switching users needs root; start as root or leave --user out")
     if config.pcap:

@@ -24,6 +24,7 @@ class Config:
     server_ips: tuple[str, ...] = ()
     filter: str = ""
     capture_buffer_mib: int = 128
+    fanout_group: Optional[int] = None
     pcap: Optional[str] = None
     replay_speed: str = "max"
     loop: bool = False
@@ -128,6 +129,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("filter", ("--filter",), _text, "BPF filter applied to the capture"),
     ("capture_buffer_mib", ("--capture-buffer-mib",), _integer(4, 4096),
      "size of the kernel capture ring in MiB (absorbs bursts; resident memory)"),
+    ("fanout_group", ("--fanout-group",), _integer(0, 65535),
+     "share the interface with the other exporters of this PACKET_FANOUT group, split by flow"),
     ("pcap", ("--pcap",), _text, "replay this pcap/pcapng file instead of capturing live"),
     ("replay_speed", ("--replay-speed",), _choice(REPLAY_SPEEDS), "pcap replay pace: realtime or max"),
     ("loop", ("--loop",), _boolean, "replay the pcap file in a loop"),

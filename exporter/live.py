@@ -52,6 +52,9 @@ ETH_P_8021Q = 0x8100
 SOL_PACKET = 263
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
+PACKET_FANOUT = 18
+PACKET_FANOUT_HASH = 0  # by the flow's symmetric hash: both directions of a flow go to one socket
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000  # fragments are hashed whole, with their flow
 PACKET_VERSION = 10
 TPACKET_V3 = 2
 PACKET_OUTGOING = 4
@@ -109,6 +112,10 @@ class InterfaceNotFound(SourceError):
 
 class FilterError(SourceError):
     """The BPF filter does not compile; the message is the compiler's."""
+
+
+class FanoutError(SourceError):
+    """The socket cannot join the ``--fanout-group`` asked for."""
 
 
 class CapturePermissionError(SourceError):
@@ -357,6 +364,19 @@ def attach_bpf(sock: socket.socket, program: list[tuple[int, int, int, int]]) ->
                     struct.pack("HL", len(program), ctypes.addressof(instructions)))
 
 
+def join_fanout_group(sock: socket.socket, group: int) -> None:
+    """Join a ``PACKET_FANOUT`` group: the kernel splits the interface's frames among its sockets by flow.
+
+    Several exporters (processes) on one busy interface each count a share; Prometheus adds them up.
+    """
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT,
+                        struct.pack("=I", group | (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16))
+    except OSError as error:
+        raise FanoutError(f"cannot join fanout group {group}: {error.strerror} (its members must capture the same "
+                          f"interface, and the group's mode is by flow hash)") from None
+
+
 def _not_found_message(name: str, interfaces: dict) -> str:
     return f"no interface named {name!r} (available: {', '.join(sorted(interfaces)) or 'none'}, any)"
 
@@ -378,10 +398,12 @@ class LiveSource:
 
     kind = "live"
 
-    def __init__(self, interface: str, bpf_filter: str = "", *, ring_bytes: int = RING_BYTES):
+    def __init__(self, interface: str, bpf_filter: str = "", *, ring_bytes: int = RING_BYTES,
+                 fanout_group: Optional[int] = None):
         self.name = interface
         self.filter = bpf_filter
         self.ring_bytes = ring_bytes
+        self.fanout_group = fanout_group
         self._socket: Optional[socket.socket] = None
         self._ring: Optional[mmap.mmap] = None
         self._block_size = self._block_count = 0
@@ -444,10 +466,14 @@ class LiveSource:
                              mmap.PROT_READ | mmap.PROT_WRITE)
             attach_bpf(sock, program)
             bind_packet_socket(sock, index, ETH_P_ALL)
-        except OSError as error:
+            if self.fanout_group is not None:
+                join_fanout_group(sock, self.fanout_group)
+        except (OSError, FanoutError) as error:
             if ring is not None:
                 ring.close()
             sock.close()
+            if isinstance(error, FanoutError):
+                raise
             if error.errno in INTERFACE_GONE:
                 raise InterfaceNotFound(f"{self.name}: interface not available ({error.strerror})") from None
             raise SourceError(f"{self.name}: cannot set up the capture socket: {error.strerror}") from None

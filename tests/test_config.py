@@ -42,6 +42,7 @@ def test_traffic_server_ip_wins_over_seed_name():
     ([], {"SERVER_IP": "192.0.2.300"}, "--server-ip (from SERVER_IP): expected IP addresses or CIDR networks"),
     ([], {"TRAFFIC_LOOP": "maybe"}, "--loop (from TRAFFIC_LOOP): expected true or false"),
     (["--log-level", "loud"], {}, "--log-level: expected one of debug, info, warning, error"),
+    ([], {"TRAFFIC_FANOUT_GROUP": "65536"}, "--fanout-group (from TRAFFIC_FANOUT_GROUP): expected an integer from 0"),
 ])
 def test_invalid_values_name_the_flag_and_accepted_values(argv, environ, message):
     with pytest.raises(ConfigError, match=None) as error:
@@ -52,3 +53,9 @@ def test_invalid_values_name_the_flag_and_accepted_values(argv, environ, message
 def test_empty_environment_variables_mean_default():
     config = parse_config([], environ={"TRAFFIC_INTERFACE": "", "SERVER_IP": "", "TRAFFIC_MAX_CLIENTS": " "})
     assert config.interface is None and config.server_ips == () and config.max_clients == 500
+
+
+def test_fanout_group_from_flag_or_environment_and_none_by_default():
+    assert parse_config([], environ={}).fanout_group is None
+    assert parse_config(["--fanout-group", "0"], environ={}).fanout_group == 0
+    assert parse_config([], environ={"TRAFFIC_FANOUT_GROUP": "42"}).fanout_group == 42
