@@ -41,6 +41,7 @@ IDLE_SECONDS = 0.5
 RING_BYTES = 128 << 20  # kernel memory mapped into the process; ~400k frames
 RING_BLOCK_BYTES = 4 << 20  # one block -> one batch: up to ~12k frames of CAPTURE_SNAPLEN
 MINIMUM_RING_BYTES = 4 << 20  # the smallest ring asked for when the kernel is short of memory
+MINIMUM_RING_BLOCKS = 8
 RING_RETIRE_MS = 250  # a block is handed over after this long even if not full (tcpdump: 1000)
 # Bytes of each frame copied into the ring: every header the decoder reads (Ethernet, VLAN tags,
 # IPv4 options or IPv6 extension headers, ports) fits; lengths come from the frame's tp_len.
@@ -293,11 +294,12 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) ->
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
     """The ``tpacket_req3`` fields for a ring of about ``ring_bytes`` (at least one page-sized block).
 
-    TPACKET_V3 packs frames of any size into a block, so the frame size only has to pass the
-    kernel's checks: one "frame" per block.
+    Blocks of ``block_bytes``, smaller in a small ring so that it still has ``MINIMUM_RING_BLOCKS``:
+    the kernel fills one while the exporter counts another. TPACKET_V3 packs frames of any size
+    into a block, so the frame size only has to pass the kernel's checks: one "frame" per block.
     """
     page = mmap.PAGESIZE
-    block_size = max(page, min(block_bytes, -(-ring_bytes // page) * page))
+    block_size = max(page, min(block_bytes, ring_bytes // MINIMUM_RING_BLOCKS // page * page))
     block_count = max(1, ring_bytes // block_size)
     return (block_size, block_count, block_size, block_count, RING_RETIRE_MS, 0, 0)
 

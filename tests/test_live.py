@@ -228,7 +228,12 @@ def test_ring_request_uses_4_mib_blocks_one_frame_each_and_the_retire_timeout():
 def test_ring_request_for_a_tiny_ring_is_one_page_sized_block():
     assert ring_request(4096)[:4] == (4096, 1, 4096, 1)
     assert ring_request(100)[:4] == (4096, 1, 4096, 1)
-    assert ring_request(10000)[:2] == (12288, 1)
+    assert ring_request(10000)[:2] == (4096, 2)
+
+
+def test_a_small_ring_gets_smaller_blocks_to_keep_eight_of_them():
+    assert ring_request(4 << 20)[:2] == (512 << 10, 8)
+    assert ring_request(16 << 20)[:2] == (2 << 20, 8)
 
 
 class ShortOfMemorySocket:
@@ -255,7 +260,7 @@ def ring_only_source(ring_bytes: int):
 def test_the_ring_is_halved_while_the_kernel_lacks_memory_and_the_shrink_is_logged_once(caplog):
     source = ring_only_source(128 << 20)
     sock = ShortOfMemorySocket(limit=40 << 20)
-    assert source._request_ring(sock)[:2] == (4 << 20, 8)
+    assert source._request_ring(sock)[:2] == (4 << 20, 8)  # 32 MiB
     assert sock.asked == [128 << 20, 64 << 20, 32 << 20]
     source._request_ring(ShortOfMemorySocket(limit=40 << 20))
     assert [record.getMessage() for record in caplog.records] == [
