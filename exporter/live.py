@@ -32,7 +32,7 @@ import threading
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 from .decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
-from .sources import Frame, FrameBatch, SourceError
+from .sources import FrameBatch, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ CAPTURE_SNAPLEN = 256
 
 # <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
 ETH_P_ALL = 0x0003
-ETH_P_8021Q = 0x8100
 SOL_PACKET = 263
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
@@ -63,7 +62,6 @@ SO_ATTACH_FILTER = 26
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 0x1
 TP_STATUS_VLAN_VALID = 0x10
-TP_STATUS_VLAN_TPID_VALID = 0x40
 TPACKET_REQ3 = struct.Struct("=7I")  # block size, block count, frame size, frame count, retire ms, priv size, features
 TPACKET_STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cnt
 # struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1 from offset 8
@@ -73,15 +71,15 @@ BLOCK_PACKETS = struct.Struct("=4xII")  # num_pkts, offset_to_first_pkt, from BL
 # struct tpacket3_hdr: tp_next_offset, (tp_sec, tp_nsec), tp_snaplen, tp_len, tp_status, tp_mac,
 # (tp_net, hv1.tp_rxhash), hv1.tp_vlan_tci; hv1.tp_vlan_tpid at 36; 48 bytes in all
 PACKET_HEADER = struct.Struct("=I8xIIIH6xI")
-VLAN_TPID = struct.Struct("=H")
-VLAN_TPID_OFFSET = 36
 # struct sockaddr_ll, at TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) after each frame's header:
-# (family), protocol (network order, kept as bytes), ifindex, hatype, pkttype, halen, address
-SOCKADDR_LL = struct.Struct("=2x2siHBB8s")
+# (family), protocol (network order, kept as bytes), ifindex, (hatype), pkttype
+SOCKADDR_LL = struct.Struct("=2x2si2xB")
 SOCKADDR_LL_OFFSET = 48
+SOCKADDR_LL_END = SOCKADDR_LL_OFFSET + 20
 BPF_INSTRUCTION = struct.Struct("=HBBI")  # code, jt, jf, k
-SLL_HEADER = struct.Struct("!HHH8s2s")  # pkttype, hatype, address length, address, protocol (network order)
-SLL_HEADER_LENGTH = 16
+SLL_HEADER_LENGTH = 16  # libpcap's LINKTYPE_LINUX_SLL header, in front of each cooked frame it records
+ETHERNET_HEADER_LENGTH = 14
+VLAN_TAG_LENGTH = 4
 
 # <linux/if_arp.h> hardware types -> what a SOCK_RAW socket delivers; other types are read cooked.
 ARPHRD_ETHER = 1
@@ -90,8 +88,6 @@ ARPHRD_RAWIP = 519
 ARPHRD_NONE = 0xFFFE
 RAW_LINK_TYPES = {ARPHRD_ETHER: LINKTYPE_ETHERNET, ARPHRD_LOOPBACK: LINKTYPE_ETHERNET,
                   ARPHRD_RAWIP: LINKTYPE_RAW, ARPHRD_NONE: LINKTYPE_RAW}
-VLAN_TAG = struct.Struct("!HH")  # TPID, TCI
-SLL_VLAN_OFFSET = 14  # a cooked frame's VLAN tag goes before the SLL header's protocol field
 IFF_UP = 0x1
 
 # Errors meaning "the interface went away or down": the capture restarts when it is back.
@@ -223,72 +219,48 @@ def default_interface() -> str:
     return name
 
 
-def vlan_tag(status: int, tci: int, tpid: int) -> Optional[tuple[int, int]]:
-    """The VLAN tag the kernel took out of a frame, as (TPID, TCI), or None; from ``tpacket3_hdr`` fields."""
-    if not (tci or status & TP_STATUS_VLAN_VALID):  # libpcap's VLAN_VALID: a nonzero TCI counts too
-        return None
-    return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
-
-
-def sll_header(pkttype: int, hatype: int, address_length: int, address: bytes, protocol: bytes) -> bytes:
-    """The 16-byte LINKTYPE_LINUX_SLL header libpcap builds from a packet socket's sockaddr_ll.
-
-    ``protocol`` is sockaddr_ll's two bytes, already in network order; the address is cut to 8 bytes
-    but keeps its real length, as in libpcap.
-    """
-    return SLL_HEADER.pack(pkttype, hatype, address_length, address[:8], protocol)
-
-
-def cooked_frame(data: bytes, wire_length: int, tag: Optional[tuple[int, int]], header: bytes) -> Frame:
-    """A frame of a cooked capture as libpcap records it: the SLL ``header`` in front, and a VLAN
-    ``tag`` (TPID, TCI) the kernel took out put back before the SLL protocol field (+4 bytes)."""
-    if tag is not None:
-        header = header[:SLL_VLAN_OFFSET] + VLAN_TAG.pack(*tag) + header[SLL_VLAN_OFFSET:]
-    return Frame(wire_length + len(header), header + data)
-
-
 def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) -> FrameBatch:
     """The frames of one TPACKET_V3 ring block the kernel handed over (its status has TP_STATUS_USER).
 
-    ``ring`` is the mapped ring (or any bytes-like object whose slices are bytes), ``block_start``
-    the block's offset in it. Frames are read in place: the batch's buffer is ``ring`` itself, valid
-    until the block goes back to the kernel. Cooked frames are the exception: each is rebuilt with
-    its SLL header, as libpcap records it (see ``cooked_frame``), into a buffer of their own.
-    A VLAN tag the kernel took out of an Ethernet frame is counted (4 bytes more on the wire) but
-    not put back: the frame decodes the same without it. Outgoing frames of interface index
-    ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show up twice,
+    ``ring`` is the mapped ring (or a bytes-like object like it), ``block_start`` the block's offset
+    in it. Frames are read in place, no copy: the batch's buffer is ``ring`` itself, valid until the
+    block goes back to the kernel. Lengths are those libpcap records: a VLAN tag the kernel took out
+    counts its 4 bytes, and a cooked frame (``LINKTYPE_LINUX_SLL`` captures) the 16 of the SLL header
+    libpcap puts in front. The tag itself is not put back, nor is an SLL header built: the frame
+    decodes the same without them. Instead, a cooked frame's protocol is written into the headroom
+    the kernel leaves before it, where an Ethernet header has its type, and the frame is handed on
+    as Ethernet (so a cooked capture's batch is ``LINKTYPE_ETHERNET``). Outgoing frames of interface
+    index ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show up twice,
     outgoing and incoming, and libpcap keeps one.
     """
     packet_count, offset = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
     offset += block_start
     cooked = link_type == LINKTYPE_LINUX_SLL
-    ethernet = link_type == LINKTYPE_ETHERNET
+    tagged_lengths = link_type in (LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL)  # libpcap puts tags back in these
     inspect_all = cooked or skip_outgoing_on
     unpack_header = PACKET_HEADER.unpack_from
     spans: list[tuple[int, int, int]] = []
     append = spans.append
-    rebuilt: list[Frame] = []
     for _ in range(packet_count):
         header = offset
         next_offset, snaplen, wire_length, status, mac, tci = unpack_header(ring, header)
         offset += next_offset
         start = header + mac
+        end = start + snaplen
         if inspect_all or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case
-            protocol, ifindex, hatype, pkttype, address_length, address = \
-                SOCKADDR_LL.unpack_from(ring, header + SOCKADDR_LL_OFFSET)
+            protocol, ifindex, pkttype = SOCKADDR_LL.unpack_from(ring, header + SOCKADDR_LL_OFFSET)
             if pkttype == PACKET_OUTGOING and ifindex == skip_outgoing_on:
                 continue
-            tag = vlan_tag(status, tci, VLAN_TPID.unpack_from(ring, header + VLAN_TPID_OFFSET)[0])
+            if tagged_lengths and (tci or status & TP_STATUS_VLAN_VALID):  # libpcap: a nonzero TCI is a tag too
+                wire_length += VLAN_TAG_LENGTH
             if cooked:
-                rebuilt.append(cooked_frame(ring[start:start + snaplen], wire_length, tag,
-                                            sll_header(pkttype, hatype, address_length, address, protocol)))
-                continue
-            if tag is not None and ethernet:
-                wire_length += VLAN_TAG.size
-        append((start, start + snaplen, wire_length))
-    if cooked:
-        return FrameBatch.of(link_type, rebuilt)
-    return FrameBatch(link_type, ring, spans)
+                if mac < SOCKADDR_LL_END + ETHERNET_HEADER_LENGTH:
+                    raise SourceError(f"unexpected capture ring layout (frame data at {mac} bytes from its header)")
+                ring[start - 2:start] = protocol
+                start -= ETHERNET_HEADER_LENGTH
+                wire_length += SLL_HEADER_LENGTH
+        append((start, end, wire_length))
+    return FrameBatch(LINKTYPE_ETHERNET if cooked else link_type, ring, spans)
 
 
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:

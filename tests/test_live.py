@@ -1,22 +1,22 @@
-"""Pure parts of live capture: ring blocks, VLAN re-insertion, SLL headers, BPF adaptation, default route."""
+"""Pure parts of live capture: ring blocks (VLAN tags, cooked frames), BPF adaptation, default route."""
 from __future__ import annotations
 
 import errno
+import mmap
 import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, PadN
-from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
+from scapy.layers.l2 import ARP, CookedLinux, Dot1AD, Dot1Q, Ether
 
 from exporter import config as config_module
-from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, decode_frame
-from exporter.live import (CAPTURE_SNAPLEN, ETH_P_8021Q, PACKET_OUTGOING, RING_RETIRE_MS, SKF_AD_OFF, SKF_AD_PKTTYPE,
-                           SKF_AD_PROTOCOL, TP_STATUS_USER, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
+from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, NOT_IP, decode_frame
+from exporter.live import (CAPTURE_SNAPLEN, ETHERNET_HEADER_LENGTH, PACKET_OUTGOING, RING_RETIRE_MS, SKF_AD_OFF,
+                           SKF_AD_PKTTYPE, SKF_AD_PROTOCOL, SOCKADDR_LL_END, TP_STATUS_USER, TP_STATUS_VLAN_VALID,
                            FilterError, adapt_bpf_for_kernel, compile_bpf, default_route_interface,
-                           cooked_frame, permission_message, read_block, ring_request,
-                           sll_header, vlan_tag)
-from exporter.sources import Frame
+                           permission_message, read_block, ring_request)
+from exporter.sources import Frame, SourceError
 
 PROC_NET_ROUTE = """\
 Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -34,7 +34,8 @@ fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
 
 ETHERNET_MAC_OFFSET = 82  # where the kernel puts an Ethernet frame after its tpacket3_hdr (SOCK_RAW)
 COOKED_MAC_OFFSET = 96  # where it puts the network header (SOCK_DGRAM)
-PACKET_PACKET_HOST, PACKET_PACKET_OTHERHOST = 0, 3
+PACKET_PACKET_HOST = 0
+TP_STATUS_VLAN_TPID_VALID = 0x40  # the kernel's tp_vlan_tpid holds the tag's TPID
 
 
 class RingFrame:
@@ -93,49 +94,6 @@ def test_default_route_interface_is_none_without_any_default_route():
     assert default_route_interface("garbage\nnot a route table\n", "x y z") is None
 
 
-def test_vlan_tag_is_none_when_the_kernel_saw_no_tag():
-    assert vlan_tag(TP_STATUS_USER, 0, 0) is None
-
-
-def test_vlan_tag_is_8021q_when_the_kernel_gives_no_tpid():
-    assert vlan_tag(TP_STATUS_VLAN_VALID, 0x600A, 0) == (ETH_P_8021Q, 0x600A)
-
-
-def test_vlan_tag_uses_the_kernel_tpid_when_valid():
-    assert vlan_tag(TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID, 20, 0x88A8) == (0x88A8, 20)
-
-
-def test_vlan_tag_treats_a_nonzero_tci_as_a_tag_like_libpcap():
-    assert vlan_tag(0, 5, 0) == (ETH_P_8021Q, 5)
-
-
-def test_cooked_frame_builds_the_sll_header_libpcap_builds():
-    payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
-    mac = b"\x02\x00\x00\x00\x00\x01"
-    header = sll_header(PACKET_OUTGOING, 1, 6, mac + b"\0\0", b"\x08\x00")
-    wire_length, data = cooked_frame(payload, len(payload), None, header)
-    assert wire_length == len(payload) + 16
-    expected = bytes(CookedLinux(pkttype=PACKET_OUTGOING, lladdrtype=1, lladdrlen=6, src=mac + b"\0\0",
-                                 proto=0x0800) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353)
-                     / b"answer")
-    assert data == expected
-    assert decode_frame(LINKTYPE_LINUX_SLL, data)[2:] == (17, 53, 5353)
-
-
-def test_cooked_frame_inserts_a_vlan_tag_before_the_sll_protocol():
-    payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2))
-    header = sll_header(0, 1, 6, bytes(8), b"\x08\x00")
-    wire_length, data = cooked_frame(payload, len(payload), (ETH_P_8021Q, 7), header)
-    assert wire_length == len(payload) + 16 + 4
-    assert data[14:20] == bytes.fromhex("8100 0007 0800")
-    assert decode_frame(LINKTYPE_LINUX_SLL, data)[2:] == (17, 1, 2)
-
-
-def test_sll_header_truncates_long_hardware_addresses_to_8_bytes_but_keeps_their_length():
-    header = sll_header(0, 32, 20, bytes(range(20)), b"\x86\xdd")
-    assert header == struct.pack("!HHH8sH", 0, 32, 20, bytes(range(8)), 0x86DD)
-
-
 def test_read_block_returns_each_frame_of_a_block_following_next_offsets():
     frames = [ethernet_udp(b"a" * 10), ethernet_udp(b"b" * 333), ethernet_udp(b"c" * 1)]
     block = ring_block([RingFrame(frame) for frame in frames])
@@ -187,35 +145,50 @@ def test_read_block_reads_frames_in_place_in_the_ring():
     assert block[start:end] == frame
 
 
-def test_read_block_builds_cooked_frames_from_the_sockaddr_ll_after_each_header():
-    payload = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
-    mac = b"\x02\x00\x00\x00\x00\x01"
-    block = ring_block([
-        RingFrame(payload, mac=COOKED_MAC_OFFSET, pkttype=PACKET_OUTGOING, address=mac),
-        RingFrame(payload, mac=COOKED_MAC_OFFSET, status=TP_STATUS_USER | TP_STATUS_VLAN_VALID, tci=7,
-                  pkttype=PACKET_PACKET_OTHERHOST, address=mac),
-    ])
-    batch = read_block(block, 0, LINKTYPE_LINUX_SLL, 0)
-    (plain_length, plain), (tagged_length, tagged) = batch.frames()
-    assert batch.link_type == LINKTYPE_LINUX_SLL
-    assert (plain_length, plain) == (len(payload) + 16, bytes(
-        CookedLinux(pkttype=PACKET_OUTGOING, lladdrtype=1, lladdrlen=6, src=mac + b"\0\0", proto=0x0800)) + payload)
-    assert tagged_length == len(payload) + 20
-    assert tagged[:14] == struct.pack("!HHH8s", PACKET_PACKET_OTHERHOST, 1, 6, mac + b"\0\0")
-    assert tagged[14:20] == bytes.fromhex("8100 0007 0800")
-    assert decode_frame(LINKTYPE_LINUX_SLL, tagged)[2:] == (17, 53, 5353)
+def writable_ring(block: bytes) -> mmap.mmap:
+    """The block in shared memory, as the kernel maps its ring: writable, and its slices are bytes."""
+    ring = mmap.mmap(-1, len(block))
+    ring[:] = block
+    return ring
+
+
+def test_cooked_frames_decode_and_count_as_libpcap_records_them_with_an_sll_header():
+    ipv4 = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
+    ipv6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / TCP(sport=443, dport=40000) / (b"x" * 300))
+    arp = bytes(ARP(psrc="10.0.0.1", pdst="10.0.0.2"))
+    frames = [  # (what the kernel delivers, the frame libpcap records)
+        (RingFrame(ipv4, mac=COOKED_MAC_OFFSET, pkttype=PACKET_OUTGOING),
+         CookedLinux(pkttype=PACKET_OUTGOING, proto=0x0800) / ipv4),
+        (RingFrame(ipv6, mac=COOKED_MAC_OFFSET, protocol=0x86DD, pkttype=PACKET_PACKET_HOST),
+         CookedLinux(pkttype=PACKET_PACKET_HOST, proto=0x86DD) / ipv6),
+        (RingFrame(ipv4, mac=COOKED_MAC_OFFSET, status=TP_STATUS_USER | TP_STATUS_VLAN_VALID, tci=7),
+         CookedLinux(proto=0x8100) / Dot1Q(vlan=7, type=0x0800) / ipv4),
+        (RingFrame(arp, mac=COOKED_MAC_OFFSET, protocol=0x0806), CookedLinux(proto=0x0806) / arp),
+    ]
+    ring = writable_ring(ring_block([delivered for delivered, _ in frames]))
+    batch = read_block(ring, 0, LINKTYPE_LINUX_SLL, 0)
+    assert batch.buffer is ring and batch.link_type == LINKTYPE_ETHERNET  # in place, framed as Ethernet
+    assert [(wire_length, decode_frame(batch.link_type, data)) for wire_length, data in batch.frames()] == [
+        (len(bytes(recorded)), decode_frame(LINKTYPE_LINUX_SLL, bytes(recorded))) for _, recorded in frames]
+    assert decode_frame(batch.link_type, list(batch.frames())[3].data) == NOT_IP
 
 
 def test_read_block_skips_outgoing_copies_on_the_loopback_only():
-    payload = bytes(IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=1, dport=2))
+    payloads = [bytes(IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=1, dport=port)) for port in (1, 2, 3)]
     block = ring_block([
-        RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_OUTGOING),  # loopback, sent: skipped
-        RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_PACKET_HOST),  # loopback, received
-        RingFrame(payload, mac=COOKED_MAC_OFFSET, ifindex=2, pkttype=PACKET_OUTGOING),  # sent on eth0
+        RingFrame(payloads[0], mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_OUTGOING),  # loopback, sent: skipped
+        RingFrame(payloads[1], mac=COOKED_MAC_OFFSET, ifindex=1, pkttype=PACKET_PACKET_HOST),  # loopback, received
+        RingFrame(payloads[2], mac=COOKED_MAC_OFFSET, ifindex=2, pkttype=PACKET_OUTGOING),  # sent on eth0
     ])
-    frames = read_block(block, 0, LINKTYPE_LINUX_SLL, 1).frames()
-    kept = [(struct.unpack_from("!H", data)[0], data[16:]) for _, data in frames]
-    assert kept == [(PACKET_PACKET_HOST, payload), (PACKET_OUTGOING, payload)]
+    batch = read_block(writable_ring(block), 0, LINKTYPE_LINUX_SLL, 1)
+    kept = [data[ETHERNET_HEADER_LENGTH:] for _, data in batch.frames()]
+    assert kept == payloads[1:]
+
+
+def test_a_ring_without_room_before_cooked_frames_is_refused_not_misread():
+    block = ring_block([RingFrame(bytes(IP() / UDP()), mac=SOCKADDR_LL_END)])
+    with pytest.raises(SourceError, match="unexpected capture ring layout"):
+        read_block(writable_ring(block), 0, LINKTYPE_LINUX_SLL, 0)
 
 
 def test_ring_request_uses_4_mib_blocks_one_frame_each_and_the_retire_timeout():
