@@ -182,6 +182,8 @@ def run_serve(config: Config) -> int:
         log.info("switched to user %s%s", config.user, " keeping only CAP_NET_RAW" if kept else "")
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
+    # The start-up objects (Scapy, Flask, ...) are kept for good: out of the collector's full scans,
+    # which otherwise took about a third of the capture thread's time at 50k frames/s.
     gc.freeze()
     capture.start()
     history.start()
