@@ -27,7 +27,8 @@ LINKTYPE_LINUX_SLL2 = 276
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
-VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100, 0x9200))
+ETHERTYPE_8021Q = 0x8100
+VLAN_TPIDS = frozenset((ETHERTYPE_8021Q, 0x88A8, 0x9100, 0x9200))
 # BSD address families for IPv6 differ per OS (NetBSD/OpenBSD 24, FreeBSD 28, Darwin 30).
 NULL_AF_INET = 2
 NULL_AF_INET6 = frozenset((24, 28, 30))
@@ -85,18 +86,19 @@ def sum_by_key(link_type: int, data: bytes, spans: Iterable[tuple[int, int, int]
     get = sums.get
     ethernet = link_type == LINKTYPE_ETHERNET
     ipv4_fields, ipv6_fields, chained = _ETHERNET_IPV4, _ETHERNET_IPV6, _IPV6_CHAINED
+    ipv4, ipv6, vlan = ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_8021Q  # locals: read once per frame
     for start, end, wire_length in spans:
         key = None
         if ethernet and end - start >= 54:  # room for Ethernet, IPv4 and TCP headers
             head = start
             fields = ipv4_fields(data, head)
-            if fields[0] == 0x8100 and end - start >= 58:  # one 802.1Q tag: the same layout 4 bytes on
+            if fields[0] == vlan and end - start >= 58:  # one 802.1Q tag: the same layout 4 bytes on
                 head += 4
                 fields = ipv4_fields(data, head)
-            if fields[0] == 0x0800:
+            if fields[0] == ipv4:
                 if fields[1] == 0x45:
                     key = fields
-            elif fields[0] == 0x86DD and end - head >= 74:  # room for Ethernet, IPv6 and TCP headers
+            elif fields[0] == ipv6 and end - head >= 74:  # room for Ethernet, IPv6 and TCP headers
                 fields = ipv6_fields(data, head)
                 if fields[2] not in chained:
                     key = fields

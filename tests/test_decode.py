@@ -217,6 +217,14 @@ def test_extension_chain_running_past_the_data_keeps_addresses():
     assert as_view(decode_frame(229, data)) == ("2001:db8::1", "2001:db8::2", 0, -1, -1)
 
 
+def mutated(data: bytes, mutations: list[tuple[int, int]], cut: int) -> bytes:
+    """``data`` (one zero byte if empty) with bytes overwritten at positions taken modulo its length, then cut."""
+    frame = bytearray(data) or bytearray(1)
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    return bytes(frame[:cut % (len(frame) + 1)])
+
+
 @settings(max_examples=3000, deadline=None)
 @given(link_type=st.sampled_from(sorted(supported_link_types()) + [2, 147]), data=st.binary(max_size=200))
 def test_random_bytes_never_raise(link_type, data):
@@ -230,10 +238,7 @@ def test_random_bytes_never_raise(link_type, data):
                                                       max_size=8), cut=st.integers(0, 10**6))
 def test_mutated_real_frames_never_raise(seed, mutations, cut):
     link_type, data = random_frame(random.Random(seed))
-    frame = bytearray(data)
-    for position, value in mutations:
-        frame[position % len(frame)] = value
-    frame = bytes(frame[:cut % (len(frame) + 1)])
+    frame = mutated(data, mutations, cut)
     result = decode_frame(link_type, frame)
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
     assert decode_in_buffer(link_type, frame) == result
@@ -261,10 +266,7 @@ CORPUS_FRAMES = corpus_frames()
        cut=st.integers(0, 10**6))
 def test_mutated_corpus_frames_never_raise(index, mutations, cut):
     link_type, data = CORPUS_FRAMES[index]
-    frame = bytearray(data) or bytearray(1)
-    for position, value in mutations:
-        frame[position % len(frame)] = value
-    frame = bytes(frame[:cut % (len(frame) + 1)])
+    frame = mutated(data, mutations, cut)
     result = decode_frame(link_type, frame)
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
     assert decode_in_buffer(link_type, frame) == result

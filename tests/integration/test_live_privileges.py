@@ -124,17 +124,23 @@ def test_live_without_default_route_or_interface_stops_asking_for_interface(pair
         "traffic-exporter: --interface: no default route to pick a capture interface from; pass --interface NAME"]
 
 
-def test_live_defaults_to_the_default_route_interface_and_its_addresses(pair):
-    pair.server("ip", "route", "add", "default", "via", pair.client_v4)
+def root_with_default_route(pair, family: str, via: str, port: int) -> tuple[dict, str]:
+    """``GET /`` and the log of an exporter started without flags while the server has a default route."""
+    pair.server("ip", family, "route", "add", "default", "via", via)
     try:
-        exporter = NamespacedExporter(pair, [], port=18003)
+        exporter = NamespacedExporter(pair, [], port=port)
         try:
             exporter.wait_ready()
             root = exporter.root()
         finally:
             log = exporter.stop()
     finally:
-        pair.server("ip", "route", "del", "default")
+        pair.server("ip", family, "route", "del", "default")
+    return root, log
+
+
+def test_live_defaults_to_the_default_route_interface_and_its_addresses(pair):
+    root, log = root_with_default_route(pair, "-4", pair.client_v4, 18003)
     assert root["server_ips"] == [pair.server_v4, pair.server_v6]
     assert root["capture"]["source"] == f"live:{pair.server_link}"
     assert (f"live capture on {pair.server_link} (holds the default route), server addresses "
@@ -142,14 +148,5 @@ def test_live_defaults_to_the_default_route_interface_and_its_addresses(pair):
 
 
 def test_live_defaults_use_the_ipv6_default_route_when_there_is_no_ipv4_one(pair):
-    pair.server("ip", "-6", "route", "add", "default", "via", pair.client_v6)
-    try:
-        exporter = NamespacedExporter(pair, [], port=18004)
-        try:
-            exporter.wait_ready()
-            root = exporter.root()
-        finally:
-            exporter.stop()
-    finally:
-        pair.server("ip", "-6", "route", "del", "default")
+    root, _log = root_with_default_route(pair, "-6", pair.client_v6, 18004)
     assert root["capture"]["source"] == f"live:{pair.server_link}"
