@@ -9,16 +9,17 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from flask import Flask, Response, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from exporter.classify import IN, OUT, protocol_labels
 from exporter.config import Config
 
-from .history import Bucket, History
+from .history import ClientsView, History, SecondsView
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def create_app(state: History, config: Config) -> Flask:
     app = Flask(__name__)
     app.json.sort_keys = False  # keep the documented key order
     CORS(app, origins=list(config.cors_origins), methods=["GET", "HEAD", "OPTIONS"])
-    labels = protocol_labels(config.port_labels)
+    labels = state.labels
     history_max = config.history_seconds
     spec = load_openapi(history_max)
 
@@ -68,17 +69,17 @@ def create_app(state: History, config: Config) -> Flask:
     def traffic() -> Response:
         limit = int_param("limit", LIMIT_DEFAULT, LIMIT_MAX)
         seconds = int_param("seconds", min(TRAFFIC_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(traffic_body(state.window(seconds), labels, limit))
+        return jsonify(traffic_body(state.clients_window(seconds), labels, limit))
 
     @app.get("/protocols")
     def protocols() -> Response:
         seconds = int_param("seconds", min(PROTOCOLS_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(protocols_body(state.window(seconds), labels))
+        return jsonify(protocols_body(state.seconds_window(seconds), labels))
 
     @app.get("/traffic_history")
     def traffic_history() -> Response:
         seconds = int_param("seconds", min(HISTORY_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(history_body(state.window(seconds), labels, seconds))
+        return jsonify(history_body(state.seconds_window(seconds), labels, seconds))
 
     @app.get("/openapi.json")
     def openapi() -> Response:
@@ -165,74 +166,45 @@ def index_body(state: History, config: Config) -> dict[str, Any]:
     }
 
 
-def traffic_body(buckets: Sequence[Bucket], labels: Sequence[str], limit: int) -> dict[str, Any]:
+def traffic_body(view: ClientsView, labels: Sequence[str], limit: int) -> dict[str, Any]:
     """``GET /traffic``: bytes per client over the window, biggest first."""
-    per_client: dict[str, dict[tuple[str, str], int]] = {}
-    for bucket in buckets:
-        for client, detail in bucket.clients.items():
-            sums = per_client.setdefault(client, {})
-            for key, nbytes in detail.items():
-                sums[key] = sums.get(key, 0) + nbytes
-    clients = [client_entry(client, sums, labels) for client, sums in per_client.items()]
+    clients = [client_entry(client, counts, labels) for client, counts in zip(view.clients, view.counts)]
     clients.sort(key=lambda entry: (-entry["total"], entry["ip"]))
-    return {"window": len(buckets), "clients": clients[:limit], "generated_at": time.time()}
+    return {"window": view.seconds, "clients": clients[:limit], "generated_at": time.time()}
 
 
-def client_entry(client: str, sums: dict[tuple[str, str], int], labels: Sequence[str]) -> dict[str, Any]:
-    """One client of ``/traffic`` from its (direction, protocol) -> bytes sums."""
-    bytes_in = sum(nbytes for (direction, _), nbytes in sums.items() if direction == IN)
-    bytes_out = sum(nbytes for (direction, _), nbytes in sums.items() if direction == OUT)
-    protocols = dict.fromkeys(all_labels(labels, (protocol for _, protocol in sums)), 0)
-    for (_, protocol), nbytes in sums.items():
-        protocols[protocol] += nbytes
+def client_entry(client: str, counts: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """One client of ``/traffic`` from its bytes per (direction, protocol)."""
+    bytes_in, bytes_out = (int(value) for value in counts.sum(axis=1))
+    protocols = dict(zip(labels, (int(value) for value in counts.sum(axis=0))))
     return {"ip": client, "bytes_in": bytes_in, "bytes_out": bytes_out, "total": bytes_in + bytes_out,
             "protocols": protocols}
 
 
-def protocols_body(buckets: Sequence[Bucket], labels: Sequence[str]) -> dict[str, Any]:
+def protocols_body(view: SecondsView, labels: Sequence[str]) -> dict[str, Any]:
     """``GET /protocols``: bytes, packets and share per protocol label over the window."""
-    sums: dict[tuple[str, str], list[int]] = {}
-    for bucket in buckets:
-        for key, (nbytes, packets) in bucket.totals.items():
-            total = sums.setdefault(key, [0, 0])
-            total[0] += nbytes
-            total[1] += packets
-    rows = []
-    for label in all_labels(labels, (protocol for _, protocol in sums)):
-        bytes_in, packets_in = sums.get((IN, label), (0, 0))
-        bytes_out, packets_out = sums.get((OUT, label), (0, 0))
-        rows.append({"protocol": label, "bytes": bytes_in + bytes_out, "bytes_in": bytes_in,
-                     "bytes_out": bytes_out, "packets": packets_in + packets_out, "share": 0.0})
+    (bytes_in, bytes_out), (packets_in, packets_out) = view.counts.sum(axis=0).tolist()
+    rows = [{"protocol": label, "bytes": bytes_in[index] + bytes_out[index], "bytes_in": bytes_in[index],
+             "bytes_out": bytes_out[index], "packets": packets_in[index] + packets_out[index], "share": 0.0}
+            for index, label in enumerate(labels)]
     total_bytes = sum(row["bytes"] for row in rows)
     for row in rows:
         row["share"] = row["bytes"] / total_bytes if total_bytes else 0.0
     rows.sort(key=lambda row: -row["bytes"])  # stable: equal rows keep the label order
-    return {"window": len(buckets), "protocols": rows, "total_bytes": total_bytes, "generated_at": time.time()}
+    return {"window": len(view.stamps), "protocols": rows, "total_bytes": total_bytes, "generated_at": time.time()}
 
 
-def history_body(buckets: Sequence[Bucket], labels: Sequence[str], seconds: int) -> dict[str, Any]:
+def history_body(view: SecondsView, labels: Sequence[str], seconds: int) -> dict[str, Any]:
     """``GET /traffic_history``: one entry per second, oldest first."""
-    return {"seconds": seconds, "interval": 1, "buckets": [history_entry(bucket, labels) for bucket in buckets],
+    return {"seconds": seconds, "interval": 1,
+            "buckets": [history_entry(int(stamp), counts, labels) for stamp, counts in zip(view.stamps, view.counts)],
             "generated_at": time.time()}
 
 
-def history_entry(bucket: Bucket, labels: Sequence[str]) -> dict[str, Any]:
-    """One second of ``/traffic_history``."""
-    bytes_in = bytes_out = packets = 0
-    protocols = dict.fromkeys(all_labels(labels, (protocol for _, protocol in bucket.totals)), 0)
-    for (direction, protocol), (nbytes, frames) in bucket.totals.items():
-        if direction == IN:
-            bytes_in += nbytes
-        else:
-            bytes_out += nbytes
-        packets += frames
-        protocols[protocol] += nbytes
-    return {"timestamp": bucket.timestamp, "bytes_in": bytes_in, "bytes_out": bytes_out,
-            "total": bytes_in + bytes_out, "packets": packets, "protocols": protocols}
-
-
-def all_labels(labels: Sequence[str], seen: Iterable[str]) -> list[str]:
-    """The configured labels in order, plus any label found in the data (none, normally)."""
-    known = list(labels)
-    extra = sorted(set(seen) - set(known))
-    return known + extra
+def history_entry(stamp: int, counts: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """One second of ``/traffic_history`` from its (bytes | packets, direction, protocol) counts."""
+    nbytes, packets = counts.tolist()
+    bytes_in, bytes_out = sum(nbytes[0]), sum(nbytes[1])
+    return {"timestamp": stamp, "bytes_in": bytes_in, "bytes_out": bytes_out, "total": bytes_in + bytes_out,
+            "packets": sum(packets[0]) + sum(packets[1]),
+            "protocols": {label: nbytes[0][index] + nbytes[1][index] for index, label in enumerate(labels)}}

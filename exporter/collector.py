@@ -9,6 +9,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .classify import IN, OUT
 from .tally import RESULTS, Tally
 
 
@@ -31,6 +32,20 @@ class TrafficCollector(Collector):
         yield client_bytes
         yield client_packets
 
+        # Every (direction, protocol) pair exists from the start at 0, so increase() misses nothing.
+        total_bytes = CounterMetricFamily(
+            "traffic_bytes", "Bytes on the wire (frame length) of every counted frame, all clients.",
+            labels=["direction", "protocol"])
+        total_packets = CounterMetricFamily(
+            "traffic_packets", "Counted frames, all clients.", labels=["direction", "protocol"])
+        for direction in (IN, OUT):
+            for protocol in self.tally.labels:
+                nbytes, packets = snapshot.totals.get((direction, protocol), (0, 0))
+                total_bytes.add_metric([direction, protocol], nbytes)
+                total_packets.add_metric([direction, protocol], packets)
+        yield total_bytes
+        yield total_packets
+
         frames = CounterMetricFamily(
             "traffic_exporter_packets", "Captured frames by what the exporter did with them.", labels=["result"])
         for result in RESULTS:
@@ -51,7 +66,7 @@ class TrafficCollector(Collector):
                                 "Most clients with their own series (--max-clients); the rest count as 'other'.",
                                 value=snapshot.max_clients)
         yield CounterMetricFamily("traffic_exporter_client_evictions",
-                                  "Clients whose series were removed after being idle.", value=snapshot.evictions)
+                                  "Clients whose series ended after being idle (their past bytes stay in traffic_bytes_total).", value=snapshot.evictions)
         info = GaugeMetricFamily("traffic_exporter_capture_info", "What the exporter captures (always 1).",
                                  labels=["source", "interface", "filter"])
         info.add_metric([status.source, status.interface, status.filter], 1)

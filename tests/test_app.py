@@ -338,7 +338,7 @@ def test_wrong_method_is_405_json(client, method):
 
 def test_unexpected_error_is_500_json_and_logged(caplog):
     class BrokenHistory(History):
-        def window(self, seconds):
+        def clients_window(self, seconds):
             raise RuntimeError("boom")
 
     client = make_client(BrokenHistory(Tally(), 10))

@@ -1,19 +1,22 @@
-"""History: one compressed bucket per second, zero-filled, bounded, read consistently."""
+"""History: exact per-second totals, zero-filled and bounded; per-client detail bounded in memory."""
 from __future__ import annotations
 
 import ipaddress
 import threading
 import time
+import tracemalloc
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from compat_api.history import MAX_BUCKET_CLIENTS, Bucket, History, compress
+from compat_api.history import FINE_SECONDS, MAX_BUCKET_CLIENTS, MAX_COARSE_SPANS, History, fold_small_clients
 from exporter.capture import count_frames
-from exporter.persistence import restore, save_state
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet
+from exporter.persistence import restore, save_state
 from exporter.sources import Frame, FrameBatch
 from exporter.tally import OTHER_CLIENT, Tally
 
@@ -54,21 +57,35 @@ def many_clients(count: int) -> list[Frame]:
     return frames
 
 
-def bucket_bytes(bucket: Bucket) -> int:
-    return sum(nbytes for nbytes, _packets in bucket.totals.values())
+def stamps(history: History, seconds: int = 10**6) -> list[int]:
+    return history.seconds_window(seconds).stamps.tolist()
 
 
-def test_tick_appends_bucket_stamped_with_start_of_closed_second():
+def bytes_per_second(history: History, seconds: int = 10**6) -> list[int]:
+    return history.seconds_window(seconds).counts[:, 0].sum(axis=(1, 2)).tolist()
+
+
+def cell(history: History, direction: str, protocol: str) -> tuple[int, int]:
+    """Index of (direction, protocol) in the history's arrays."""
+    return ("in", "out").index(direction), history.labels.index(protocol)
+
+
+def client_bytes(history: History, seconds: int = 10**6) -> dict[str, int]:
+    view = history.clients_window(seconds)
+    return {client: int(counts.sum()) for client, counts in zip(view.clients, view.counts)}
+
+
+def test_tick_stores_the_closed_second_stamped_with_its_start():
     tally = Tally()
     history = History(tally, 10)
     sent = feed(tally, [http_request("198.51.100.7", b"x" * 10), dns_answer("198.51.100.8")])
     history.tick(1000.2)
-    [bucket] = history.window(10)
-    assert bucket.timestamp == 999
-    assert bucket_bytes(bucket) == sent
-    assert bucket.totals[("in", "HTTP")][1] == 1
-    assert bucket.totals[("out", "DNS")][1] == 1
-    assert set(bucket.clients) == {"198.51.100.7", "198.51.100.8"}
+    view = history.seconds_window(10)
+    assert view.stamps.tolist() == [999]
+    assert bytes_per_second(history) == [sent]
+    assert view.counts[0, 1][cell(history, "in", "HTTP")] == 1
+    assert view.counts[0, 1][cell(history, "out", "DNS")] == 1
+    assert set(client_bytes(history)) == {"198.51.100.7", "198.51.100.8"}
 
 
 def test_tick_takes_only_traffic_since_previous_tick():
@@ -78,16 +95,16 @@ def test_tick_takes_only_traffic_since_previous_tick():
     history.tick(1000.0)
     second = feed(tally, [http_request("198.51.100.7", b"y" * 100)])
     history.tick(1001.0)
-    assert [bucket_bytes(b) for b in history.window(10)] == [first, second]
+    assert bytes_per_second(history) == [first, second]
 
 
-def test_idle_ticks_append_empty_buckets():
+def test_idle_ticks_store_empty_seconds():
     history = History(Tally(), 10)
     for second in range(1000, 1005):
         history.tick(second + 0.01)
-    buckets = history.window(10)
-    assert [b.timestamp for b in buckets] == [999, 1000, 1001, 1002, 1003]
-    assert all(not b.totals and not b.clients for b in buckets)
+    assert stamps(history) == [999, 1000, 1001, 1002, 1003]
+    assert bytes_per_second(history) == [0] * 5
+    assert client_bytes(history) == {}
 
 
 def test_missed_seconds_are_zero_filled():
@@ -96,46 +113,49 @@ def test_missed_seconds_are_zero_filled():
     history.tick(1000.0)
     sent = feed(tally, [http_request("198.51.100.7")])
     history.tick(1005.3)  # the ticker fell four seconds behind
-    buckets = history.window(60)
-    assert [b.timestamp for b in buckets] == list(range(999, 1005))
-    assert [bucket_bytes(b) for b in buckets] == [0, 0, 0, 0, 0, sent]
+    assert stamps(history) == list(range(999, 1005))
+    assert bytes_per_second(history) == [0, 0, 0, 0, 0, sent]
 
 
 def test_zero_fill_after_long_gap_is_bounded_by_ring_length():
-    history = History(Tally(), 10)
+    tally = Tally()
+    history = History(tally, 10)
+    feed(tally, [http_request("198.51.100.7")])
     history.tick(1000.0)
     history.tick(1_000_000.0)
-    buckets = history.window(10)
-    assert len(buckets) == 10
-    assert [b.timestamp for b in buckets] == list(range(999_990, 1_000_000))
+    assert stamps(history) == list(range(999_990, 1_000_000))
+    assert bytes_per_second(history) == [0] * 10
+    assert client_bytes(history) == {}  # the old second's detail left with it
 
 
 def test_ring_keeps_only_the_newest_seconds():
-    history = History(Tally(), 5)
+    tally = Tally()
+    history = History(tally, 5)
     for second in range(1000, 1020):
+        feed(tally, [http_request("198.51.100.7", b"x" * (second - 1000))])
         history.tick(second)
-    assert len(history) == 5
-    assert [b.timestamp for b in history.window(100)] == list(range(1014, 1019))
+    assert stamps(history, 100) == list(range(1014, 1019))
+    assert bytes_per_second(history) == [http_request("198.51.100.7").wire_length + n for n in range(15, 20)]
 
 
 def test_window_returns_newest_seconds_oldest_first():
     history = History(Tally(), 30)
     for second in range(1000, 1010):
         history.tick(second)
-    assert [b.timestamp for b in history.window(3)] == [1006, 1007, 1008]
-    assert len(history.window(30)) == 10
+    assert stamps(history, 3) == [1006, 1007, 1008]
+    assert len(stamps(history, 30)) == 10
 
 
-def test_two_ticks_in_one_second_add_into_one_bucket():
+def test_two_ticks_in_one_second_add_into_one_second():
     tally = Tally()
     history = History(tally, 10)
     first = feed(tally, [http_request("198.51.100.7")])
     history.tick(1000.1)
     second = feed(tally, [dns_answer("198.51.100.7")])
     history.tick(1000.9)
-    [bucket] = history.window(10)
-    assert bucket.timestamp == 999
-    assert bucket_bytes(bucket) == first + second
+    assert stamps(history) == [999]
+    assert bytes_per_second(history) == [first + second]
+    assert client_bytes(history) == {"198.51.100.7": first + second}
 
 
 def test_clock_stepped_back_keeps_order_and_counts():
@@ -145,9 +165,8 @@ def test_clock_stepped_back_keeps_order_and_counts():
     history.tick(1001.0)
     sent = feed(tally, [http_request("198.51.100.7")])
     history.tick(990.0)
-    buckets = history.window(10)
-    assert [b.timestamp for b in buckets] == [999, 1000]
-    assert bucket_bytes(buckets[-1]) == sent
+    assert stamps(history) == [999, 1000]
+    assert bytes_per_second(history) == [0, sent]
 
 
 def test_many_clients_fold_into_other_with_exact_totals():
@@ -156,51 +175,41 @@ def test_many_clients_fold_into_other_with_exact_totals():
     frames = many_clients(5000)
     sent = feed(tally, frames)
     history.tick(1000.0)
-    [bucket] = history.window(10)
-    assert len(bucket.clients) == MAX_BUCKET_CLIENTS + 1
-    assert OTHER_CLIENT in bucket.clients
-    assert bucket_bytes(bucket) == sent
-    client_bytes = sum(sum(detail.values()) for detail in bucket.clients.values())
-    assert client_bytes == sent
+    per_client = client_bytes(history)
+    assert len(per_client) == MAX_BUCKET_CLIENTS + 1
+    assert OTHER_CLIENT in per_client
+    assert bytes_per_second(history) == [sent]
+    assert sum(per_client.values()) == sent
     sizes = {str(ipaddress.IPv4Address(f.data[IP_SRC_OFFSET:IP_SRC_OFFSET + 4])): f.wire_length for f in frames}
-    kept = set(bucket.clients) - {OTHER_CLIENT}
+    kept = set(per_client) - {OTHER_CLIENT}
     assert min(sizes[c] for c in kept) >= max(size for c, size in sizes.items() if c not in kept)
 
 
-def test_memory_stays_bounded_whatever_the_number_of_clients():
-    tally = Tally(max_clients=100_000)
-    history = History(tally, 5)
-    frames = many_clients(3000)
-    for second in range(1000, 1010):
-        feed(tally, frames)
-        history.tick(second)
-    buckets = history.window(5)
-    assert len(buckets) == 5
-    assert all(len(b.clients) <= MAX_BUCKET_CLIENTS + 1 for b in buckets)
-    assert all(len(detail) <= 2 * len(DEFAULT_PORT_LABELS) for b in buckets for detail in b.clients.values())
-
-
-def test_tally_other_client_is_merged_not_duplicated():
-    raw = {("other", "in", "HTTP"): [100, 1], ("198.51.100.7", "in", "HTTP"): [5, 1],
-           ("198.51.100.8", "out", "DNS"): [7, 1]}
-    totals, clients = compress(raw, max_clients=1)
-    assert clients == {"198.51.100.8": {("out", "DNS"): 7}, "other": {("in", "HTTP"): 105}}
-    assert totals == {("in", "HTTP"): (105, 2), ("out", "DNS"): (7, 1)}
+def test_fold_merges_the_tally_other_client_instead_of_duplicating_it():
+    clients = ["other", "198.51.100.7", "198.51.100.8"]
+    counts = np.array([[[100, 0]], [[5, 0]], [[0, 7]]], np.int64)
+    kept, folded = fold_small_clients(clients, counts, keep=1)
+    assert kept == ("198.51.100.8", "other")
+    assert folded.tolist() == [[[0, 7]], [[105, 0]]]
 
 
 raw_buckets = st.dictionaries(
-    st.tuples(st.sampled_from(["a", "b", "c", "d", "other"]), st.sampled_from(["in", "out"]),
-              st.sampled_from(["HTTP", "DNS", "OTHER"])),
-    st.tuples(st.integers(0, 10**12), st.integers(0, 10**6)).map(list), max_size=30)
+    st.tuples(st.integers(1, 6), st.sampled_from(["in", "out"]), st.sampled_from(["HTTP", "DNS", "OTHER"])),
+    st.tuples(st.integers(0, 10**12), st.integers(1, 10**6)).map(list), max_size=30)
 
 
+@settings(max_examples=50, deadline=None)
 @given(raw=raw_buckets, max_clients=st.integers(0, 5))
-def test_compress_keeps_totals_exact_for_any_bucket(raw, max_clients):
-    totals, clients = compress(raw, max_clients)
-    assert sum(b for b, _ in totals.values()) == sum(b for b, _ in raw.values())
-    assert sum(p for _, p in totals.values()) == sum(p for _, p in raw.values())
-    assert sum(sum(d.values()) for d in clients.values()) == sum(b for b, _ in raw.values())
-    assert len([c for c in clients if c != OTHER_CLIENT]) <= max_clients
+def test_totals_and_client_sums_stay_exact_for_any_second(raw, max_clients):
+    tally = Tally(max_clients=max_clients)
+    history = History(tally, 10)
+    tally.record({(bytes([198, 51, 100, host]), direction, protocol): value
+                  for (host, direction, protocol), value in raw.items()}, {})
+    history.tick(1000)
+    view = history.seconds_window(10)
+    assert int(view.counts[:, 0].sum()) == sum(b for b, _ in raw.values())
+    assert int(view.counts[:, 1].sum()) == sum(p for _, p in raw.values())
+    assert sum(client_bytes(history).values()) == sum(b for b, _ in raw.values())
 
 
 @settings(max_examples=50)
@@ -212,10 +221,49 @@ def test_any_tick_sequence_gives_contiguous_bounded_series(steps, seconds):
     for step in steps:
         now += step
         history.tick(now)
-    stamps = [b.timestamp for b in history.window(seconds)]
-    assert 1 <= len(stamps) <= seconds
-    assert stamps == list(range(stamps[0], stamps[0] + len(stamps)))
-    assert stamps[-1] == int(now) - 1
+    found = stamps(history, seconds)
+    assert 1 <= len(found) <= seconds
+    assert found == list(range(found[0], found[0] + len(found)))
+    assert found[-1] == int(now) - 1
+
+
+def test_long_history_keeps_client_detail_bounded_and_exact():
+    """--history-seconds 3600: per-second detail for the newest 300 s, then spans; the sums stay exact."""
+    tally = Tally(max_clients=1000)
+    history = History(tally, 3600)
+    frames = many_clients(250)
+    sent_per_second = feed(tally, frames)
+    for second in range(1000, 1000 + 3700):
+        if second > 1000:
+            feed(tally, frames[: (second % 250) + 1])
+        history.tick(second)
+    details = [*history._coarse, *history._open_span, *history._fine]
+    assert len(history._fine) <= FINE_SECONDS
+    assert len(history._coarse) <= MAX_COARSE_SPANS + 1
+    assert all(len(detail.clients) <= MAX_BUCKET_CLIENTS + 1 for detail in details)
+    for seconds in (1, 60, 300, 301, 1000, 3600):
+        clients = history.clients_window(seconds)
+        assert seconds - history._span_seconds < clients.seconds <= seconds
+        covered = history.seconds_window(clients.seconds)
+        assert int(clients.counts.sum()) == int(covered.counts[:, 0].sum())
+    assert sent_per_second > 0
+
+
+def test_a_day_of_history_with_busy_seconds_fits_in_bounded_memory():
+    tally = Tally(max_clients=1000)
+    busy_second = {(bytes([10, 0, index >> 8, index & 0xFF]), "in", "HTTP"): [100 + index, 1] for index in range(300)}
+    tracemalloc.start()
+    try:
+        history = History(tally, 86400)
+        for second in range(1000, 1000 + 700):
+            tally.record(busy_second, {})
+            history.tick(second)
+        used = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # totals: 86400 s x 24 counters x 8 bytes = 16.6 MB; detail: at most ~600 entries of 201 clients
+    assert used < 40 * 2**20, f"{used / 2**20:.1f} MiB"
+    assert len(history._fine) == FINE_SECONDS
 
 
 def test_readers_see_consistent_snapshots_while_ticking():
@@ -227,13 +275,12 @@ def test_readers_see_consistent_snapshots_while_ticking():
 
     def read() -> None:
         while not done.is_set():
-            buckets = history.window(50)
-            stamps = [b.timestamp for b in buckets]
-            if stamps and stamps != list(range(stamps[0], stamps[0] + len(stamps))):
-                errors.append(f"gap in {stamps}")
-            # every tick counts exactly one frame: a bucket never shows a partial second
-            if any(bucket_bytes(b) != frame_bytes for b in buckets):
-                errors.append("partial bucket")
+            found = stamps(history, 50)
+            if found and found != list(range(found[0], found[0] + len(found))):
+                errors.append(f"gap in {found}")
+            # every tick counts exactly one frame: a second never shows a partial state
+            if any(nbytes != frame_bytes for nbytes in bytes_per_second(history, 50)):
+                errors.append("partial second")
 
     readers = [threading.Thread(target=read) for _ in range(4)]
     for reader in readers:
@@ -247,37 +294,74 @@ def test_readers_see_consistent_snapshots_while_ticking():
         for reader in readers:
             reader.join(5)
     assert errors == []
-    assert len(history) == 50
+    assert len(stamps(history)) == 50
 
 
-def test_ticker_thread_appends_a_bucket_every_second():
+def test_ticker_thread_stores_a_second_every_second():
     tally = Tally()
     history = History(tally, 10)
     sent = feed(tally, [http_request("198.51.100.7")])
     history.start()
     try:
         deadline = time.monotonic() + 5
-        while len(history) < 2 and time.monotonic() < deadline:
+        while len(stamps(history)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         history.stop()
-    buckets = history.window(10)
-    assert len(buckets) >= 2
-    assert sum(bucket_bytes(b) for b in buckets) == sent
-    assert buckets[-1].timestamp <= time.time() - 1
+    found = stamps(history)
+    assert len(found) >= 2
+    assert sum(bytes_per_second(history)) == sent
+    assert found[-1] <= time.time() - 1
 
 
-def test_export_and_restore_round_trip_keeps_buckets_and_fills_the_gap(tmp_path):
+def test_export_and_restore_round_trip_keeps_seconds_and_fills_the_gap(tmp_path):
     tally = Tally()
     saved = History(tally, 30)
     tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [100, 1]}, {})
     saved.tick(1000.5)
     saved.tick(1001.5)
-    restored = History(Tally(), 30)
-    restored.tick(1004.5)
     path = str(tmp_path / "state.json")
     save_state(path, {"history": saved.export_state()})
+    restored = History(Tally(), 30)
     assert restore(path, {"history": restored.prepare_restore})
-    stamps = [bucket.timestamp for bucket in restored.window(30)]
-    assert stamps == [999, 1000, 1001, 1002, 1003]  # saved seconds, a zero-filled gap, the new second
-    assert restored.window(30)[0].totals == {("in", "HTTP"): (100, 1)}
+    restored.tick(1004.5)
+    assert stamps(restored) == [999, 1000, 1001, 1002, 1003]  # saved seconds, a zero-filled gap, the new second
+    assert restored.seconds_window(30).counts[0, :, 0].tolist() == [[100, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert client_bytes(restored) == {"198.51.100.7": 100}
+
+
+def test_restore_of_a_long_history_keeps_its_spans(tmp_path):
+    tally = Tally()
+    saved = History(tally, 3600)
+    for second in range(1000, 1000 + 1000):
+        tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [10, 1]}, {})
+        saved.tick(second)
+    path = str(tmp_path / "state.json")
+    save_state(path, {"history": saved.export_state()})
+    restored = History(Tally(), 3600)
+    assert restore(path, {"history": restored.prepare_restore})
+    for seconds in (10, 500, 3600):
+        assert restored.clients_window(seconds).seconds == saved.clients_window(seconds).seconds
+        assert client_bytes(restored, seconds) == client_bytes(saved, seconds)
+    assert bytes_per_second(restored) == bytes_per_second(saved)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda state: state["seconds"][-1].__setitem__(0, int(time.time()) + 3600), "future"),
+    (lambda state: state["seconds"][0][1].__setitem__(0, -5), "negative"),
+    (lambda state: state["seconds"][0][1].__setitem__(0, 10**400), "too big"),
+    (lambda state: state["seconds"][0][1].__setitem__(0, 1.5), "not an integer"),
+    (lambda state: state["seconds"].reverse(), "out of order"),
+    (lambda state: state.__setitem__("labels", ["HTTP"]), "other labels"),
+])
+def test_restore_refuses_bad_seconds(change, reason):
+    tally = Tally()
+    saved = History(tally, 30)
+    now = time.time()
+    for offset in (-3, -2):
+        tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [10, 1]}, {})
+        saved.tick(now + offset)
+    state = saved.export_state()
+    change(state)
+    with pytest.raises((ValueError, TypeError, KeyError)):
+        History(Tally(), 30).prepare_restore(state)

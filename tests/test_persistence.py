@@ -2,9 +2,16 @@
 import ipaddress
 import json
 import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+
+from compat_api.history import History
 from exporter.persistence import PeriodicSaver, restore, save_state
-from exporter.tally import Tally
+from exporter.tally import RESULTS, Tally
 
 
 def filled_tally():
@@ -25,12 +32,14 @@ def test_round_trip_restores_counters(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
 
 
-def test_restore_respects_the_client_cap(tmp_path):
+def test_restore_beyond_the_client_cap_ends_series_but_keeps_totals(tmp_path):
     path = str(tmp_path / "state.json")
     save_state(path, {"tally": filled_tally().export_state()})
     capped = Tally(max_clients=0)
     restore(path, {"tally": capped.prepare_restore})
-    assert set(capped.snapshot().series) == {("other", "in", "HTTP"), ("other", "out", "HTTP")}
+    snapshot = capped.snapshot()
+    assert snapshot.series == {}  # nothing moves into "other": Prometheus already counted those bytes
+    assert snapshot.totals == {("in", "HTTP"): (1500, 3), ("out", "HTTP"): (400, 2)}
 
 
 def test_periodic_saver_writes_on_stop(tmp_path):
@@ -54,3 +63,124 @@ def test_missing_corrupt_or_foreign_files_mean_a_fresh_start(tmp_path, caplog):
         assert not restore(str(tmp_path / name), {"tally": tally.prepare_restore})
     assert tally.snapshot().series == before
     assert sum("starting fresh" in record.message for record in caplog.records) == len(cases)
+
+
+def saved_document(tmp_path, tally=None, history=None):
+    """A state file as the exporter writes it, loaded back as a dict for tampering."""
+    path = tmp_path / "state.json"
+    parts = {"tally": (tally or filled_tally()).export_state()}
+    if history is not None:
+        parts["history"] = history.export_state()
+    save_state(str(path), parts)
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("tamper, text_change", [
+    (lambda d: d["tally"]["results"].__setitem__("not_ip", 10**400), None),
+    (lambda d: d["tally"]["results"].__setitem__("not_ip", -1), None),
+    (lambda d: d["tally"].__setitem__("evictions", -3), None),
+    (lambda d: d["tally"].__setitem__("evictions", True), None),
+    (lambda d: d["tally"]["totals"][0].__setitem__(2, 1.5), None),
+    (lambda d: d["tally"]["clients"]["198.51.100.7"]["counters"][0].__setitem__(3, -1), None),
+    (lambda d: d["tally"]["clients"].__setitem__("not-an-address", {"idle_seconds": 0, "counters": []}), None),
+    (lambda d: d["tally"]["clients"]["198.51.100.7"].__setitem__("idle_seconds", -5), None),
+    (lambda d: d["tally"]["results"].__setitem__("not_ip", 123456789), ("123456789", "Infinity")),
+    (lambda d: d["tally"]["results"].__setitem__("not_ip", 123456789), ("123456789", "NaN")),
+])
+def test_out_of_range_or_mistyped_counters_mean_a_fresh_start(tmp_path, caplog, tamper, text_change):
+    path, document = saved_document(tmp_path)
+    tamper(document)
+    text = json.dumps(document)
+    if text_change:
+        text = text.replace(*text_change)
+    path.write_text(text)
+    tally = Tally()
+    caplog.set_level(logging.WARNING)
+    assert not restore(str(path), {"tally": tally.prepare_restore})
+    assert tally.snapshot().results == dict.fromkeys(RESULTS, 0)
+    assert "starting fresh" in caplog.text
+
+
+def test_a_history_second_in_the_future_means_a_fresh_start(tmp_path, caplog):
+    tally = filled_tally()
+    history = History(tally, 60)
+    history.tick(time.time())
+    path, document = saved_document(tmp_path, tally, history)
+    document["history"]["stored"][1] = int(time.time()) + 3600
+    document["history"]["seconds"][-1][0] = int(time.time()) + 3600
+    path.write_text(json.dumps(document))
+    fresh_tally, fresh_history = Tally(), History(Tally(), 60)
+    caplog.set_level(logging.WARNING)
+    assert not restore(str(path), {"tally": fresh_tally.prepare_restore, "history": fresh_history.prepare_restore})
+    assert fresh_tally.snapshot().totals == {}  # all or nothing: the tally is not restored either
+    assert "future" in caplog.text
+
+
+def test_a_version_1_file_is_upgraded(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({
+        "format": "traffic-exporter-state", "version": 1, "saved_at": 0,
+        "tally": {"clients": {"198.51.100.7": [["in", "HTTP", 1500, 3]]}, "other": [["out", "DNS", 70, 1]],
+                  "results": {"counted": 4, "not_ip": 2}, "evictions": 1},
+        "history": [[int(time.time()) - 5, [["in", "HTTP", 1500, 3]], {"198.51.100.7": [["in", "HTTP", 1500]]}]],
+    }))
+    tally = Tally()
+    history = History(tally, 60)
+    assert restore(str(path), {"tally": tally.prepare_restore, "history": history.prepare_restore})
+    snapshot = tally.snapshot()
+    assert snapshot.series == {("198.51.100.7", "in", "HTTP"): (1500, 3), ("other", "out", "DNS"): (70, 1)}
+    assert snapshot.totals == {("in", "HTTP"): (1500, 3), ("out", "DNS"): (70, 1)}
+    assert snapshot.evictions == 1
+    assert history.clients_window(60).clients == ["198.51.100.7"]
+
+
+def test_idle_time_survives_a_restart(tmp_path):
+    clock = [1000.0]
+    saved = Tally(client_idle_seconds=60, clock=lambda: clock[0])
+    saved.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [10, 1]}, {})
+    clock[0] += 50
+    path = str(tmp_path / "state.json")
+    save_state(path, {"tally": saved.export_state()})
+    later = [5000.0]
+    restored = Tally(client_idle_seconds=60, clock=lambda: later[0])
+    assert restore(path, {"tally": restored.prepare_restore})
+    later[0] += 11  # 61 s idle in all
+    restored.expire()
+    assert restored.snapshot().evictions == 1
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed_at_start(tmp_path):
+    path = tmp_path / "state.json"
+    save_state(str(path), {"tally": filled_tally().export_state()})
+    left_behind = tmp_path / ".state.json.k3j4h5.tmp"  # what a kill -9 during a save leaves
+    left_behind.write_text('{"format": "traffic-exp')
+    unrelated = tmp_path / ".other.json.abc.tmp"
+    unrelated.write_text("not ours")
+    assert restore(str(path), {"tally": Tally().prepare_restore})
+    assert not left_behind.exists() and unrelated.exists()
+
+
+def test_a_killed_save_leaves_only_a_file_the_next_start_removes(tmp_path):
+    """kill -9 in the middle of save_state: the old state file is intact, the temporary file is cleaned."""
+    path = tmp_path / "state.json"
+    save_state(str(path), {"tally": filled_tally().export_state()})
+    before = path.read_text()
+    code = ("import sys, time, json\n"
+            "from exporter import persistence\n"
+            "def slow_dump(obj, file, **kw):\n"
+            "    file.write('{\"format\"'); file.flush(); time.sleep(60)\n"
+            "persistence.json.dump = slow_dump\n"
+            f"persistence.save_state({str(path)!r}, {{'tally': {{}}}})\n")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 20
+        while not list(tmp_path.glob(".state.json.*.tmp")):
+            assert time.monotonic() < deadline and process.poll() is None, "the save did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        process.kill()
+        process.wait(10)
+    assert path.read_text() == before and list(tmp_path.glob(".state.json.*.tmp"))
+    assert restore(str(path), {"tally": Tally().prepare_restore})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]

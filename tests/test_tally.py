@@ -1,4 +1,4 @@
-"""Tally: exact sums, bounded client table, idle eviction into 'other', prefix aggregation, buckets."""
+"""Tally: exact sums, bounded client table, idle eviction that moves nothing, exact totals, buckets."""
 import ipaddress
 
 from hypothesis import given, settings
@@ -43,7 +43,7 @@ def test_clients_beyond_the_cap_count_as_other():
     assert sum(b for b, _ in snapshot.series.values()) == 100
 
 
-def test_idle_clients_are_evicted_into_other_keeping_the_total():
+def test_evicted_clients_series_end_and_nothing_moves_to_other():
     clock = FakeClock()
     tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
     tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5)), {})
@@ -51,11 +51,25 @@ def test_idle_clients_are_evicted_into_other_keeping_the_total():
     tally.record(batch(("198.51.100.2", "out", "HTTP", 70, 1)), {})  # expiry runs first only once a second
     snapshot = tally.snapshot()
     assert ("198.51.100.1", "in", "HTTP") not in snapshot.series
-    assert snapshot.series[(OTHER_CLIENT, "in", "HTTP")] == (500, 5)
+    assert (OTHER_CLIENT, "in", "HTTP") not in snapshot.series  # Prometheus already saw those 500 bytes
+    assert snapshot.totals == {("in", "HTTP"): (500, 5), ("out", "HTTP"): (70, 1)}
     assert snapshot.evictions == 1
     # the freed slot admits the next new client
     tally.record(batch(("198.51.100.3", "in", "SSH", 9, 1)), {})
     assert tally.snapshot().series[("198.51.100.3", "in", "SSH")] == (9, 1)
+
+
+def test_other_counts_only_clients_never_admitted():
+    clock = FakeClock()
+    tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
+    tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5), ("198.51.100.2", "in", "HTTP", 30, 1)), {})
+    assert tally.snapshot().series[(OTHER_CLIENT, "in", "HTTP")] == (30, 1)
+    clock.now += 61
+    tally.expire()
+    tally.record(batch(("198.51.100.2", "in", "HTTP", 7, 1)), {})  # admitted now: a series of its own
+    snapshot = tally.snapshot()
+    assert snapshot.series[("198.51.100.2", "in", "HTTP")] == (7, 1)
+    assert snapshot.series[(OTHER_CLIENT, "in", "HTTP")] == (30, 1)
 
 
 def test_expire_without_traffic_evicts():
@@ -88,13 +102,23 @@ streams = st.lists(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["in",
                                       st.integers(0, 30)), max_size=20), max_size=30)
 
 
+def prometheus_increase(previous: dict, current: dict) -> int:
+    """What increase() adds up over all series between two scrapes: a new series counts from 0,
+    a lower value is a counter reset, a vanished series adds nothing."""
+    added = 0
+    for key, (nbytes, _packets) in current.items():
+        before = previous.get(key, (0, 0))[0]
+        added += nbytes - before if nbytes >= before else nbytes
+    return added
+
+
 @settings(max_examples=200, deadline=None)
 @given(stream=streams, max_clients=st.integers(0, 10), idle=st.integers(1, 50))
 def test_invariants_hold_for_random_streams(stream, max_clients, idle):
     clock = FakeClock()
     tally = Tally(max_clients=max_clients, client_idle_seconds=idle, clock=clock)
-    total = 0
-    previous = {}
+    total = increase = 0
+    previous = tally.snapshot()
     for frames in stream:
         counts = {}
         for host, direction, protocol, size, advance in frames:
@@ -106,10 +130,17 @@ def test_invariants_hold_for_random_streams(stream, max_clients, idle):
             clock.now += advance / 10
         tally.record(counts, {})
         snapshot = tally.snapshot()
-        assert sum(b for b, _ in snapshot.series.values()) == total
+        assert sum(b for b, _ in snapshot.totals.values()) == total
+        client_sum = sum(b for b, _ in snapshot.series.values())
+        assert client_sum <= total
+        if snapshot.evictions == 0:
+            assert client_sum == total
         assert snapshot.tracked_clients <= max_clients
         assert len({key[0] for key in snapshot.series} - {OTHER_CLIENT}) <= max_clients
-        for key, (nbytes, packets) in snapshot.series.items():
-            if key in previous:  # a series that survives never goes down
-                assert nbytes >= previous[key][0] and packets >= previous[key][1]
-        previous = snapshot.series
+        if snapshot.evictions == previous.evictions:  # a series that survives never goes down
+            for key, (nbytes, packets) in snapshot.series.items():
+                if key in previous.series:
+                    assert nbytes >= previous.series[key][0] and packets >= previous.series[key][1]
+        increase += prometheus_increase(previous.series, snapshot.series)
+        previous = snapshot
+    assert increase == total  # scraped after every batch, no byte is counted twice or lost

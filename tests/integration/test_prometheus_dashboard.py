@@ -38,9 +38,9 @@ DEADLINE_SECONDS = 60.0  # from Prometheus' start until every panel query has da
 # Recording rules the panels read; each must have been evaluated once before the panels are queried.
 RECORDING_RULES = (
     "client_direction:traffic_client_bytes:rate5m",
-    "protocol:traffic_client_bytes:rate5m",
-    "direction:traffic_client_bytes:rate5m",
-    "direction:traffic_client_packets:rate5m",
+    "protocol:traffic_bytes:rate5m",
+    "direction:traffic_bytes:rate5m",
+    "direction:traffic_packets:rate5m",
 )
 # rate()/increase() need two samples inside their window; the shortest window the panels use is
 # $__rate_interval, which panel_queries substitutes as 1m. Every exporter series comes from the same
