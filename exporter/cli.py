@@ -125,7 +125,6 @@ def run_summarize(config: Config) -> int:
 
 def run_serve(config: Config) -> int:
     """Capture (or replay) and serve /metrics and the REST API until SIGTERM/SIGINT."""
-    import waitress
     from prometheus_client import make_wsgi_app
     from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
@@ -134,6 +133,7 @@ def run_serve(config: Config) -> int:
 
     from .collector import build_registry
     from .demo import demo_config
+    from .httpserver import create_server
 
     if config.demo:
         config = demo_config(config)
@@ -160,16 +160,19 @@ def run_serve(config: Config) -> int:
     if config.web_config:
         app = BasicAuthMiddleware(app, load_web_config(config.web_config))
     saver = _state_saver(config, tally, history)
-    # Under load waitress warns for every queued request; a full, unread log pipe would stall serving.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
-        server = waitress.create_server(app, host=config.listen_host, port=config.listen_port, threads=8,
-                                        ident=PROG)
+        server = create_server(app, config.listen_host, config.listen_port, ident=PROG,
+                               max_connections=config.web_max_connections,
+                               request_timeout=config.web_request_timeout, idle_timeout=config.web_idle_timeout)
     except OSError as error:
         raise ConfigError(f"--listen: cannot listen on {config.listen}: {error.strerror}") from None
 
     def shut_down(signum, _frame):
-        log.info("received %s, shutting down", signal.Signals(signum).name)
+        # Further signals are ignored: they would interrupt the stopping below and its final state save
+        # or, as Python exits and restores the default handlers, kill the process instead of exiting with 0.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        log.info("received %s, shutting down (further signals are ignored)", signal.Signals(signum).name)
         raise SystemExit(0)
 
     if config.user:

@@ -41,6 +41,9 @@ class Config:
     user: Optional[str] = None
     state_file: Optional[str] = None
     web_config: Optional[str] = None
+    web_max_connections: int = 512
+    web_request_timeout: int = 10
+    web_idle_timeout: int = 60
     port_labels: dict = field(default_factory=lambda: dict(DEFAULT_PORT_LABELS))
     # summarize only
     output_format: str = "table"
@@ -146,6 +149,12 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("log_level", ("--log-level",), _choice(LOG_LEVELS), "logging level"),
     ("state_file", ("--state-file",), _text, "save counters and history here every minute and at exit; restore at start"),
     ("web_config", ("--web-config",), _text, "Prometheus-style web config file with basic_auth_users (bcrypt)"),
+    ("web_max_connections", ("--web-max-connections",), _integer(1, 65536),
+     "open HTTP connections at most; a new one closes the one that has waited longest on its client"),
+    ("web_request_timeout", ("--web-request-timeout",), _integer(1, 3600),
+     "seconds a client has to send a whole request (from its first byte) and to take each part of a response"),
+    ("web_idle_timeout", ("--web-idle-timeout",), _integer(1, 86400),
+     "close an HTTP connection after this many seconds without a request"),
     ("user", ("--user",), _user,
      "after opening the capture socket, switch to this user, keeping only CAP_NET_RAW (like tcpdump -Z)"),
 ]

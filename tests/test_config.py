@@ -43,6 +43,10 @@ def test_traffic_server_ip_wins_over_seed_name():
     ([], {"TRAFFIC_LOOP": "maybe"}, "--loop (from TRAFFIC_LOOP): expected true or false"),
     (["--log-level", "loud"], {}, "--log-level: expected one of debug, info, warning, error"),
     ([], {"TRAFFIC_FANOUT_GROUP": "65536"}, "--fanout-group (from TRAFFIC_FANOUT_GROUP): expected an integer from 0"),
+    (["--web-max-connections", "0"], {}, "--web-max-connections: expected an integer from 1 to 65536"),
+    ([], {"TRAFFIC_WEB_REQUEST_TIMEOUT": "0"},
+     "--web-request-timeout (from TRAFFIC_WEB_REQUEST_TIMEOUT): expected an integer from 1 to 3600"),
+    (["--web-idle-timeout", "soon"], {}, "--web-idle-timeout: expected an integer from 1 to 86400; got 'soon'"),
 ])
 def test_invalid_values_name_the_flag_and_accepted_values(argv, environ, message):
     with pytest.raises(ConfigError, match=None) as error:
@@ -59,3 +63,11 @@ def test_fanout_group_from_flag_or_environment_and_none_by_default():
     assert parse_config([], environ={}).fanout_group is None
     assert parse_config(["--fanout-group", "0"], environ={}).fanout_group == 0
     assert parse_config([], environ={"TRAFFIC_FANOUT_GROUP": "42"}).fanout_group == 42
+
+
+def test_web_limits_have_defaults_and_come_from_flags_or_environment():
+    config = parse_config([], environ={})
+    assert (config.web_max_connections, config.web_request_timeout, config.web_idle_timeout) == (512, 10, 60)
+    config = parse_config(["--web-max-connections", "64", "--web-request-timeout", "5"],
+                          environ={"TRAFFIC_WEB_IDLE_TIMEOUT": "120", "TRAFFIC_WEB_MAX_CONNECTIONS": "9"})
+    assert (config.web_max_connections, config.web_request_timeout, config.web_idle_timeout) == (64, 5, 120)
