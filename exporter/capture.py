@@ -63,10 +63,15 @@ def count_frames(batch: FrameBatch, servers: ServerSet,
 
 
 class Capture:
-    """Runs a source into the tally on a thread; on failure logs, reports and restarts with backoff."""
+    """Runs a source into the tally on a thread; on failure logs, reports and may restart with backoff.
+
+    ``restart_on_error`` is for a source that can be opened again without counting anything twice
+    (live capture). Without it the capture ends at its first failure of any kind: a replay opened
+    again would count its file again.
+    """
 
     def __init__(self, open_source: Callable[[], Source], tally: Tally, servers: ServerSet,
-                 port_labels: Mapping[tuple[int, int], str], *, restart_on_error: bool = True):
+                 port_labels: Mapping[tuple[int, int], str], *, restart_on_error: bool = False):
         self.open_source = open_source
         self.tally = tally
         self.counter = FrameCounter(servers, port_labels)
@@ -108,8 +113,11 @@ class Capture:
                 log.error("capture stopped: %s", error)
                 if not self.restart_on_error:
                     return
-            except Exception as error:  # a bug: keep serving, say so, try again
+            except Exception as error:  # a bug: keep serving and say so
                 status.running, status.error = False, f"{type(error).__name__}: {error}"
+                if not self.restart_on_error:
+                    log.exception("capture failed; not restarting")
+                    return
                 log.exception("capture failed; restarting in %.0f s", backoff)
             if stop.wait(backoff):
                 return

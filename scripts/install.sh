@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 packages=(python3 python3-venv tcpdump libpcap0.8 iproute2)
 if [ "${1:-}" = "--test" ]; then
     # prometheus: promtool and a real server for the integration tests; tcpreplay: the benchmark;
-    # curl, iputils-ping: live-capture clients; chromium, chromium-driver: the dashboard page test
-    packages+=(prometheus curl iputils-ping tcpreplay chromium chromium-driver procps)
+    # curl, iputils-ping: live-capture clients; chromium, chromium-driver: the dashboard page test;
+    # tshark: an independent pcapng reader the tests compare ours with
+    packages+=(prometheus curl iputils-ping tcpreplay chromium chromium-driver procps tshark)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

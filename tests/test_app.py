@@ -37,19 +37,19 @@ def frame(packet) -> Frame:
 
 
 def tcp_in(client: str, port: int, size: int = 0) -> Frame:
-    return frame(Ether() / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=port) / (b"x" * size))
+    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=port) / (b"x" * size))
 
 
 def tcp_out(client: str, port: int, size: int = 0) -> Frame:
-    return frame(Ether() / IP(src=SERVER, dst=client) / TCP(sport=port, dport=40000) / (b"x" * size))
+    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=SERVER, dst=client) / TCP(sport=port, dport=40000) / (b"x" * size))
 
 
 def udp_out(client: str, port: int, size: int = 0) -> Frame:
-    return frame(Ether() / IP(src=SERVER, dst=client) / UDP(sport=port, dport=40000) / (b"x" * size))
+    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=SERVER, dst=client) / UDP(sport=port, dport=40000) / (b"x" * size))
 
 
 def not_server() -> Frame:
-    return frame(Ether() / IP(src="203.0.113.1", dst="203.0.113.2") / UDP(sport=1, dport=2))
+    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="203.0.113.1", dst="203.0.113.2") / UDP(sport=1, dport=2))
 
 
 def feed(tally: Tally, frames: list[Frame]) -> None:

@@ -1,4 +1,5 @@
-"""Capture: batch counting equals frame-by-frame classification; faults are logged, counted, restarted."""
+"""Capture: batch counting equals frame-by-frame classification; faults are logged, counted, and restart
+a live capture but never count a replayed file twice."""
 import ipaddress
 import itertools
 import logging
@@ -6,6 +7,7 @@ import pathlib
 import random
 import time
 
+import pytest
 from prometheus_client import generate_latest
 
 from compat_api.app import create_app
@@ -56,12 +58,15 @@ def test_batch_counts_equal_frame_by_frame_classification():
 
 
 class FailingOnce:
-    """A real pcap source whose first replay raises in the middle, as a bug in the path would."""
+    """A source reading a real pcap whose first reading raises in the middle, as a bug in the path would.
 
-    kind = "pcap"
+    ``kind`` says what it stands for: the replay itself, or a live capture, which never ends by itself
+    (this one stops the capture at the end of its second reading, as the operator would).
+    """
 
-    def __init__(self, path):
+    def __init__(self, path, kind):
         self.inner = PcapSource(str(path))
+        self.kind = kind
         self.name = self.inner.name
         self.failed = False
 
@@ -75,6 +80,8 @@ class FailingOnce:
                 yield batch.part(0, 1)
                 raise RuntimeError("injected fault")
             yield batch
+        if self.kind == "live":
+            stop.set()
 
 
 def wait_for(condition, timeout=10.0):
@@ -87,20 +94,40 @@ def wait_for(condition, timeout=10.0):
 def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatch):
     monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
     tally = Tally()
-    source = FailingOnce(CORPUS / "afs.pcap")
-    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS)
+    source = FailingOnce(CORPUS / "afs.pcap", kind="live")
+    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS,
+                      restart_on_error=True)
     with caplog.at_level(logging.ERROR):
         capture.start()
         wait_for(lambda: not capture.thread.is_alive())
     snapshot = tally.snapshot()
     assert snapshot.status.restarts == 1
     assert "injected fault" in caplog.text and "Traceback" in caplog.text
-    # the restart replayed the whole file after the single frame counted before the fault
+    # the restarted source was read again after the single frame counted before the fault
     assert snapshot.frames == 601 + 1
     assert snapshot.status.error is None and not snapshot.status.running
     # both readers still answer, and show the restart
     assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally))
     assert create_app(History(tally, 60), Config()).test_client().get("/").status_code == 200
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["once", "loop"])
+def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, monkeypatch, loop):
+    monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
+    tally = Tally()
+    source = FailingOnce(CORPUS / "afs.pcap", kind="pcap")
+    source.inner.loop = loop
+    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS)  # as serve wires it
+    with caplog.at_level(logging.ERROR):
+        capture.start()
+        try:
+            wait_for(lambda: not capture.thread.is_alive(), timeout=3)
+        finally:
+            capture.stop()
+    snapshot = tally.snapshot()
+    assert snapshot.frames == 1 and snapshot.status.restarts == 0
+    assert snapshot.status.error == "RuntimeError: injected fault" and not snapshot.status.running
+    assert "Traceback" in caplog.text and "not restarting" in caplog.text
 
 
 def test_stop_interrupts_a_realtime_replay_quickly():

@@ -179,10 +179,10 @@ def test_loop_link_type_reads_family_in_network_order():
 
 
 @pytest.mark.parametrize("link_type, data", [
-    (1, bytes(Ether() / Raw(b"\x00" * 40))[:12]),  # shorter than an Ethernet header
+    (1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Raw(b"\x00" * 40))[:12]),  # shorter than an Ethernet header
     (1, bytes(Ether(type=0x0800) / Raw(b"\x45" + b"\x00" * 10))),  # IPv4 header cut short
     (1, bytes(Ether(type=0x0800)) + bytes(IPv6())),  # IPv6 inside an IPv4 ethertype
-    (1, bytes(Ether() / Dot1Q())[:16]),  # VLAN tag cut short
+    (1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q())[:16]),  # VLAN tag cut short
     (101, b""),
     (101, b"\x50" + b"\x00" * 39),  # IP version 5
     (228, bytes(IP(ihl=4) / TCP())),  # header length below 20

@@ -33,11 +33,11 @@ def frame(packet) -> Frame:
 
 
 def http_request(client: str, payload: bytes = b"") -> Frame:
-    return frame(Ether() / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=80) / payload)
+    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=80) / payload)
 
 
 def dns_answer(client: str, payload: bytes = b"") -> Frame:
-    return frame(Ether() / IP(src=SERVER, dst=client) / UDP(sport=53, dport=5353) / payload)
+    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=SERVER, dst=client) / UDP(sport=53, dport=5353) / payload)
 
 
 def feed(tally: Tally, frames: list[Frame]) -> int:

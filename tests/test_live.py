@@ -121,7 +121,7 @@ def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied()
 def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_tagged():
     tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
                    / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / (b"x" * 100))
-    qinq = bytes(Ether() / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
+    qinq = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
                  / UDP(sport=4000, dport=443))
     plain = ethernet_udp()
     block = ring_block([
@@ -259,7 +259,7 @@ def test_adapt_bpf_keeps_the_capture_snaplen_of_accepted_frames():
 
 def test_capture_snaplen_holds_every_header_the_decoder_reads():
     # QinQ, IPv6 with 136 bytes of extension headers, TCP: cut to the snap length, it decodes the same.
-    frame = bytes(Ether() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / IPv6(src="fd00::2", dst="fd00::1")
+    frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1AD(vlan=1) / Dot1Q(vlan=2) / IPv6(src="fd00::2", dst="fd00::1")
                   / IPv6ExtHdrHopByHop(options=[PadN(optdata=b"\0" * 62)]) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 62)])
                   / TCP(sport=40000, dport=443) / (b"x" * 1000))
     assert decode_frame(LINKTYPE_ETHERNET, frame[:CAPTURE_SNAPLEN]) == decode_frame(LINKTYPE_ETHERNET, frame)

@@ -140,12 +140,12 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(case):
 def write_load_pcap(path: Path, frames: int) -> int:
     """A pcap of ``frames`` frames from a few clients and protocols; return their total wire bytes."""
     templates = [
-        bytes(Ether() / IP(src="198.51.100.1", dst=LOAD_SERVER) / TCP(sport=40001, dport=80) / (b"a" * 400)),
-        bytes(Ether() / IP(src=LOAD_SERVER, dst="198.51.100.1") / TCP(sport=443, dport=40002) / (b"b" * 1200)),
-        bytes(Ether() / IP(src="198.51.100.2", dst=LOAD_SERVER) / UDP(sport=5353, dport=53) / (b"c" * 40)),
-        bytes(Ether() / IP(src=LOAD_SERVER, dst="198.51.100.3") / TCP(sport=22, dport=40003) / (b"d" * 90)),
-        bytes(Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP()),  # not the server: ignored
-        bytes(Ether() / IP(src="198.51.100.4", dst=LOAD_SERVER) / UDP(sport=9, dport=9999)),
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.1", dst=LOAD_SERVER) / TCP(sport=40001, dport=80) / (b"a" * 400)),
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=LOAD_SERVER, dst="198.51.100.1") / TCP(sport=443, dport=40002) / (b"b" * 1200)),
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.2", dst=LOAD_SERVER) / UDP(sport=5353, dport=53) / (b"c" * 40)),
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=LOAD_SERVER, dst="198.51.100.3") / TCP(sport=22, dport=40003) / (b"d" * 90)),
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP()),  # not the server: ignored
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.4", dst=LOAD_SERVER) / UDP(sport=9, dport=9999)),
     ]
     counted = 0
     with RawPcapWriter(str(path), linktype=1) as writer:
