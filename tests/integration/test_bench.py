@@ -1,20 +1,46 @@
 """The benchmark keeps working: its quick mode runs end to end and writes every section."""
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.run import live_unavailable, slow_path_share
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+HEADINGS = ("## Offline (pcap file)", "## Offline, worst-case traffic (pcap file)", "## Slow path share per pcap",
+            "## API latency after a replay", "## Live capture on a veth pair", "## CPU at a fixed rate",
+            "## CPU per frame, worst-case traffic", "## Sustained worst-case traffic at top speed",
+            "## Idle resident memory")
 
 
-def test_quick_benchmark_writes_results(tmp_path):
+def test_quick_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "RESULTS.md"
     subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT, check=True,
                    capture_output=True, timeout=600)
     text = out.read_text()
-    for heading in ("## Offline (pcap file)", "## API latency after a replay", "## Live capture on a veth pair",
-                    "## CPU at a fixed rate"):
+    for heading in HEADINGS:
         assert heading in text
     assert "| **ratio** |" in text and "GET /metrics" in text
+    assert re.search(r"\| `summarize`, [\d,]+ worst-case frames .* \| [\d,]+ frames/s \|", text)
+    assert re.search(r"\| \*\*`summarize` time / `tcpdump` time\*\* \| \*\*[\d.]+x\*\*", text)
+    for pcap in ("friendly", "worst case"):
+        assert re.search(rf"^\| {pcap}, [\d,]+ frames \| (n/a|[\d,]+ of [\d,]+ \([\d.]+%\)) \|$", text, re.M)
+    if live_unavailable():
+        return
+    for rate in ("50,000", "100,000"):
+        assert re.search(rf"^\| {rate} \([\d,]+ achieved\) \| \*\*[\d.]+ µs\*\* \| \*\*\d+%\*\* \|", text, re.M)
+    assert re.search(r"^\| [\d,]+ in [\d.]+ s \| [\d,]+ frames/s \| \d\.\d{4} \| [\d,]+ \([\d.]+%\) \| \d+% "
+                     r"\| \d+ MiB \|$", text, re.M)
+    assert re.search(r"^\| exporter VmRSS, idle .* \| \*\*[\d.]+ MiB\*\*", text, re.M)
+
+
+@pytest.mark.parametrize("stderr, share", [
+    ("DEBUG exporter: read 10 batches\n", "n/a"),
+    ("DEBUG slow path: 120 of 600000 frames\n", "120 of 600,000 (0.02%)"),
+    ("slow path: 5 of 10 frames\nslow path: 30 of 40 frames\n", "30 of 40 (75.00%)"),
+])
+def test_slow_path_share_reads_the_engines_debug_line(stderr, share):
+    assert slow_path_share(stderr) == share
