@@ -22,12 +22,11 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from exporter.classify import IN, OUT
+from exporter.engine import DIRECTIONS
 from exporter.tally import OTHER_CLIENT, Tally, count
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = (IN, OUT)
 # Clients with their own detail in one entry; the rest fold into "other".
 MAX_BUCKET_CLIENTS = 200
 # Seconds that keep per-client detail of their own; older detail is merged into spans.
@@ -98,7 +97,6 @@ class History:
         self.tally = tally
         self.seconds = seconds
         self.labels = tally.labels
-        self._label_index = {label: index for index, label in enumerate(self.labels)}
         self._totals = np.zeros((seconds, 2, len(DIRECTIONS), len(self.labels)), np.int64)
         self._newest: Optional[int] = None  # the newest second stored
         self._oldest: Optional[int] = None  # the oldest second stored (for the window lengths)
@@ -139,25 +137,9 @@ class History:
         """
         now = time.time() if now is None else now
         with self._tick_lock:
-            totals, clients, counts = self._convert(self.tally.take_bucket())
+            bucket = self.tally.take_bucket()
             with self._lock:
-                self._append(math.floor(now) - 1, totals, clients, counts)
-
-    def _convert(self, bucket: dict) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """A tally bucket ``(client, direction, protocol) -> [bytes, packets]`` as arrays."""
-        totals = np.zeros(self._totals.shape[1:], np.int64)
-        rows: dict[str, int] = {}
-        cells = []
-        other = self._label_index[self.labels[-1]]
-        for (client, direction, protocol), (nbytes, packets) in bucket.items():
-            cell = (DIRECTIONS.index(direction), self._label_index.get(protocol, other))
-            totals[(0, *cell)] += nbytes
-            totals[(1, *cell)] += packets
-            cells.append((rows.setdefault(client, len(rows)), *cell, nbytes))
-        counts = np.zeros((len(rows), *totals.shape[1:]), np.int64)
-        for row, direction, label, nbytes in cells:
-            counts[row, direction, label] += nbytes
-        return totals, list(rows), counts
+                self._append(math.floor(now) - 1, bucket.totals, bucket.clients, bucket.counts)
 
     def _append(self, stamp: int, totals: np.ndarray, clients: Sequence[str], counts: np.ndarray) -> None:
         ring = self._totals

@@ -1,65 +1,19 @@
-"""The capture thread: source -> decode -> classify -> tally, supervised and restarted with backoff."""
+"""The capture thread: source -> counting engine -> tally, supervised and restarted with backoff."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable
 
-from .classify import ServerSet, classify
-from .decode import decode_key, sum_by_key
-from .sources import FrameBatch, Source, SourceError
+from .engine import FrameCounter
+from .sources import Source, SourceError
 from .tally import Tally
 
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
-FLOW_MEMO_SIZE = 65536
-
-
-class FrameCounter:
-    """Decodes, classifies and sums batches of frames, remembering how recent flows classified."""
-
-    def __init__(self, servers: ServerSet, port_labels: Mapping[tuple[int, int], str],
-                 memo_size: int = FLOW_MEMO_SIZE):
-        self.servers = servers
-        self.port_labels = port_labels
-        self.memo_size = memo_size
-        self._memo: dict = {}  # frame key -> classify() result; cleared when full
-
-    def count(self, batch: FrameBatch) -> tuple[dict, dict]:
-        """Sum a batch: ((client, direction, protocol) -> [bytes, packets], ignore reason -> frames)."""
-        # Sum per frame key first (equal for the frames of a flow), then decode and classify each
-        # distinct key once: a batch holds far fewer flows than frames.
-        flows = sum_by_key(batch.link_type, batch.buffer, batch.spans)
-        memo = self._memo
-        if len(memo) + len(flows) > self.memo_size:
-            memo.clear()
-        counts: dict = {}
-        ignored: dict = {}
-        for key, flow in flows.items():
-            result = memo.get(key)
-            if result is None:
-                decoded = decode_key(key)
-                result = memo[key] = decoded if decoded.__class__ is str else classify(
-                    decoded, self.servers, self.port_labels)
-            if result.__class__ is str:
-                ignored[result] = ignored.get(result, 0) + flow[1]
-                continue
-            counter = counts.get(result)
-            if counter is None:
-                counts[result] = flow
-            else:
-                counter[0] += flow[0]
-                counter[1] += flow[1]
-        return counts, ignored
-
-
-def count_frames(batch: FrameBatch, servers: ServerSet,
-                 port_labels: Mapping[tuple[int, int], str]) -> tuple[dict, dict]:
-    """Sum one batch (see ``FrameCounter.count``)."""
-    return FrameCounter(servers, port_labels).count(batch)
 
 
 class Capture:
@@ -70,11 +24,11 @@ class Capture:
     again would count its file again.
     """
 
-    def __init__(self, open_source: Callable[[], Source], tally: Tally, servers: ServerSet,
-                 port_labels: Mapping[tuple[int, int], str], *, restart_on_error: bool = False):
+    def __init__(self, open_source: Callable[[], Source], tally: Tally, counter: FrameCounter, *,
+                 restart_on_error: bool = False):
         self.open_source = open_source
         self.tally = tally
-        self.counter = FrameCounter(servers, port_labels)
+        self.counter = counter
         self.restart_on_error = restart_on_error
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.run, name="capture", daemon=True)
@@ -98,8 +52,7 @@ class Capture:
                 opened = time.monotonic()
                 for batch in source.batches(stop):
                     if batch:
-                        counts, ignored = self.counter.count(batch)
-                        self.tally.record(counts, ignored)
+                        self.tally.record(self.counter.count(batch))
                     else:
                         self.tally.expire()
                     status.kernel_dropped = source.kernel_dropped()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -9,7 +10,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .classify import IN, OUT
+from .engine import DIRECTIONS
 from .tally import RESULTS, Tally
 
 
@@ -38,11 +39,10 @@ class TrafficCollector(Collector):
             labels=["direction", "protocol"])
         total_packets = CounterMetricFamily(
             "traffic_packets", "Counted frames, all clients.", labels=["direction", "protocol"])
-        for direction in (IN, OUT):
-            for protocol in self.tally.labels:
-                nbytes, packets = snapshot.totals.get((direction, protocol), (0, 0))
-                total_bytes.add_metric([direction, protocol], nbytes)
-                total_packets.add_metric([direction, protocol], packets)
+        for d, direction in enumerate(DIRECTIONS):
+            for index, protocol in enumerate(snapshot.labels):
+                total_bytes.add_metric([direction, protocol], int(snapshot.totals[0, d, index]))
+                total_packets.add_metric([direction, protocol], int(snapshot.totals[1, d, index]))
         yield total_bytes
         yield total_packets
 
@@ -75,11 +75,9 @@ class TrafficCollector(Collector):
 
 
 def _build_info() -> GaugeMetricFamily:
-    import scapy
-
     build = GaugeMetricFamily("traffic_exporter_build_info", "Versions the exporter runs with (always 1).",
                               labels=["version", "python_version", "scapy_version"])
-    build.add_metric([__version__, platform.python_version(), scapy.VERSION], 1)
+    build.add_metric([__version__, platform.python_version(), metadata.version("scapy")], 1)
     return build
 
 

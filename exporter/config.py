@@ -23,7 +23,7 @@ class Config:
     interface: Optional[str] = None
     server_ips: tuple[str, ...] = ()
     filter: str = ""
-    capture_buffer_mib: int = 128
+    capture_buffer_mib: int = 16
     fanout_group: Optional[int] = None
     pcap: Optional[str] = None
     replay_speed: str = "max"

@@ -1,14 +1,13 @@
 """Decode a captured frame's raw bytes down to its outermost IP header and transport ports.
 
-Pure and allocation-light, reading frames in place in their capture buffer. ``decode_frame`` decodes
-one frame; ``sum_by_key`` sums a whole batch per flow with one struct unpack for common frames, and
-``decode_key`` decodes each flow once. Nothing here raises: frames that cannot be read come back
-as ``MALFORMED`` and frames without an IP header as ``NOT_IP``.
+The reference decoder, one frame at a time, reading it in place in its capture buffer: the array
+engine (``engine.py``) is tested against it and hands it the frames of rare shapes. Nothing here
+raises: frames that cannot be read come back as ``MALFORMED`` and frames without an IP header as
+``NOT_IP``.
 """
 from __future__ import annotations
 
-import struct
-from typing import Hashable, Iterable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 NOT_IP = "not_ip"
 MALFORMED = "malformed"
@@ -62,74 +61,6 @@ def decode_frame(link_type: int, data: bytes, start: int = 0, end: Optional[int]
         return decoder(data, start, end)
     except Exception:  # defensive: a decoder bug must cost one frame, never the capture
         return MALFORMED
-
-
-# The common frames -- Ethernet, untagged or with one 802.1Q tag, carrying IPv4 without options or
-# IPv6 without extension headers, long enough to hold a TCP header -- have their header fields at
-# fixed offsets. One unpack reads the fields the decoding depends on and none that change from
-# packet to packet (lengths, identification, checksums), so the frames of a flow share the result.
-_ETHERNET_IPV4 = struct.Struct("!12xHB5xHxB2x8sI").unpack_from  # ethertype, version+IHL, flags+offset,
-#                                                                 protocol, addresses, ports
-_ETHERNET_IPV6 = struct.Struct("!12xHB5xB1x32sI").unpack_from  # ethertype, version+class, next header,
-#                                                                addresses, ports
-_IPV6_CHAINED = IPV6_EXTENSION_HEADERS | {IPPROTO_FRAGMENT, IPPROTO_AH}
-
-
-def sum_by_key(link_type: int, data: bytes, spans: Iterable[tuple[int, int, int]]) -> dict[Hashable, list[int]]:
-    """Sum ``[wire bytes, frames]`` per frame key over the frames ``(start, end, wire_length)`` of ``data``.
-
-    A frame's key is cheap to take and equal for the frames of one flow, and ``decode_key(key)``
-    is the frame's decoding: a batch is summed per key here, then decoded once per key. Common
-    frames get their raw header fields as key; any other frame its decoding, in a 1-tuple.
-    """
-    sums: dict[Hashable, list[int]] = {}
-    get = sums.get
-    ethernet = link_type == LINKTYPE_ETHERNET
-    ipv4_fields, ipv6_fields, chained = _ETHERNET_IPV4, _ETHERNET_IPV6, _IPV6_CHAINED
-    ipv4, ipv6, vlan = ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_8021Q  # locals: read once per frame
-    for start, end, wire_length in spans:
-        key = None
-        if ethernet and end - start >= 54:  # room for Ethernet, IPv4 and TCP headers
-            head = start
-            fields = ipv4_fields(data, head)
-            if fields[0] == vlan and end - start >= 58:  # one 802.1Q tag: the same layout 4 bytes on
-                head += 4
-                fields = ipv4_fields(data, head)
-            if fields[0] == ipv4:
-                if fields[1] == 0x45:
-                    key = fields
-            elif fields[0] == ipv6 and end - head >= 74:  # room for Ethernet, IPv6 and TCP headers
-                fields = ipv6_fields(data, head)
-                if fields[2] not in chained:
-                    key = fields
-        if key is None:
-            key = (decode_frame(link_type, data, start, end),)
-        total = get(key)
-        if total is None:
-            sums[key] = [wire_length, 1]
-        else:
-            total[0] += wire_length
-            total[1] += 1
-    return sums
-
-
-def decode_key(key: tuple) -> DecodeResult:
-    """The decoding of the frames filed under ``key`` by ``sum_by_key``."""
-    if len(key) == 1:
-        return key[0]
-    if len(key) == 6:  # IPv4
-        _ethertype, _version_ihl, fragment, ip_proto, addresses, ports = key
-        src, dst = addresses[:4], addresses[4:]
-        if fragment & 0x1FFF:
-            return (src, dst, ip_proto, -1, -1)
-    else:
-        _ethertype, version_class, ip_proto, addresses, ports = key
-        if version_class >> 4 != 6:
-            return MALFORMED
-        src, dst = addresses[:16], addresses[16:]
-    if ip_proto == IPPROTO_TCP or ip_proto == IPPROTO_UDP:
-        return (src, dst, ip_proto, ports >> 16, ports & 0xFFFF)
-    return (src, dst, ip_proto, -1, -1)
 
 
 def supported_link_types() -> frozenset[int]:

@@ -31,14 +31,17 @@ import sys
 import threading
 from typing import Iterator, NamedTuple, Optional, Sequence
 
+import numpy as np
+
 from .decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
 from .sources import FrameBatch, SourceError
+from .walk import chained_records
 
 log = logging.getLogger(__name__)
 
 ANY_INTERFACE = "any"
 IDLE_SECONDS = 0.5
-RING_BYTES = 128 << 20  # kernel memory mapped into the process; ~400k frames
+RING_BYTES = 16 << 20  # kernel memory mapped into the process; ~50k frames of headers
 RING_BLOCK_BYTES = 4 << 20  # one block -> one batch: up to ~12k frames of CAPTURE_SNAPLEN
 MINIMUM_RING_BYTES = 4 << 20  # the smallest ring asked for when the kernel is short of memory
 MINIMUM_RING_BLOCKS = 8
@@ -68,13 +71,12 @@ TPACKET_STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cn
 BLOCK_STATUS = struct.Struct("=I")  # block_status, at BLOCK_STATUS_OFFSET
 BLOCK_STATUS_OFFSET = 8
 BLOCK_PACKETS = struct.Struct("=4xII")  # num_pkts, offset_to_first_pkt, from BLOCK_STATUS_OFFSET
-# struct tpacket3_hdr: tp_next_offset, (tp_sec, tp_nsec), tp_snaplen, tp_len, tp_status, tp_mac,
-# (tp_net, hv1.tp_rxhash), hv1.tp_vlan_tci; hv1.tp_vlan_tpid at 36; 48 bytes in all
-PACKET_HEADER = struct.Struct("=I8xIIIH6xI")
+# struct tpacket3_hdr (48 bytes): tp_next_offset, tp_sec, tp_nsec, then these, native order
+HEADER_SNAPLEN, HEADER_LENGTH, HEADER_STATUS, HEADER_MAC, HEADER_VLAN_TCI = 12, 16, 20, 24, 32
 # struct sockaddr_ll, at TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) after each frame's header:
-# (family), protocol (network order, kept as bytes), ifindex, (hatype), pkttype
-SOCKADDR_LL = struct.Struct("=2x2si2xB")
+# family, protocol (network order), ifindex, hatype, pkttype
 SOCKADDR_LL_OFFSET = 48
+SOCKADDR_PROTOCOL, SOCKADDR_IFINDEX, SOCKADDR_PKTTYPE = 2, 4, 10
 SOCKADDR_LL_END = SOCKADDR_LL_OFFSET + 20
 BPF_INSTRUCTION = struct.Struct("=HBBI")  # code, jt, jf, k
 SLL_HEADER_LENGTH = 16  # libpcap's LINKTYPE_LINUX_SLL header, in front of each cooked frame it records
@@ -233,34 +235,30 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) ->
     index ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show up twice,
     outgoing and incoming, and libpcap keeps one.
     """
-    packet_count, offset = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
-    offset += block_start
-    cooked = link_type == LINKTYPE_LINUX_SLL
-    tagged_lengths = link_type in (LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL)  # libpcap puts tags back in these
-    inspect_all = cooked or skip_outgoing_on
-    unpack_header = PACKET_HEADER.unpack_from
-    spans: list[tuple[int, int, int]] = []
-    append = spans.append
-    for _ in range(packet_count):
-        header = offset
-        next_offset, snaplen, wire_length, status, mac, tci = unpack_header(ring, header)
-        offset += next_offset
-        start = header + mac
-        end = start + snaplen
-        if inspect_all or tci or status & TP_STATUS_VLAN_VALID:  # the uncommon case
-            protocol, ifindex, pkttype = SOCKADDR_LL.unpack_from(ring, header + SOCKADDR_LL_OFFSET)
-            if pkttype == PACKET_OUTGOING and ifindex == skip_outgoing_on:
-                continue
-            if tagged_lengths and (tci or status & TP_STATUS_VLAN_VALID):  # libpcap: a nonzero TCI is a tag too
-                wire_length += VLAN_TAG_LENGTH
-            if cooked:
-                if mac < SOCKADDR_LL_END + ETHERNET_HEADER_LENGTH:
-                    raise SourceError(f"unexpected capture ring layout (frame data at {mac} bytes from its header)")
-                ring[start - 2:start] = protocol
-                start -= ETHERNET_HEADER_LENGTH
-                wire_length += SLL_HEADER_LENGTH
-        append((start, end, wire_length))
-    return FrameBatch(LINKTYPE_ETHERNET if cooked else link_type, ring, spans)
+    packet_count, first = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
+    headers = chained_records(ring, block_start + first, packet_count)
+    size = len(ring)
+    u16 = np.ndarray((size - 1,), np.uint16, ring, 0, (1,))
+    u32 = np.ndarray((size - 3,), np.uint32, ring, 0, (1,))
+    starts = headers + u16[headers + HEADER_MAC]
+    ends = starts + u32[headers + HEADER_SNAPLEN]
+    wire_lengths = u32[headers + HEADER_LENGTH].astype(np.int64)
+    if link_type in (LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL):  # libpcap puts tags back in these; a nonzero TCI is one
+        tagged = (u32[headers + HEADER_VLAN_TCI] != 0) | (u32[headers + HEADER_STATUS] & TP_STATUS_VLAN_VALID != 0)
+        wire_lengths += VLAN_TAG_LENGTH * tagged
+    if skip_outgoing_on:
+        outgoing = ((np.frombuffer(ring, np.uint8)[headers + SOCKADDR_LL_OFFSET + SOCKADDR_PKTTYPE] == PACKET_OUTGOING)
+                    & (u32[headers + SOCKADDR_LL_OFFSET + SOCKADDR_IFINDEX] == skip_outgoing_on))
+        headers, starts, ends, wire_lengths = (values[~outgoing] for values in (headers, starts, ends, wire_lengths))
+    if link_type == LINKTYPE_LINUX_SLL:
+        if len(starts) and (starts - headers).min() < SOCKADDR_LL_END + ETHERNET_HEADER_LENGTH:
+            raise SourceError(f"unexpected capture ring layout (frame data at {(starts - headers).min()} bytes "
+                              f"from its header)")
+        u16[starts - 2] = u16[headers + SOCKADDR_LL_OFFSET + SOCKADDR_PROTOCOL]  # network order, copied as is
+        starts = starts - ETHERNET_HEADER_LENGTH
+        wire_lengths += SLL_HEADER_LENGTH
+        link_type = LINKTYPE_ETHERNET
+    return FrameBatch(link_type, ring, starts, ends, wire_lengths)
 
 
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
@@ -507,7 +505,7 @@ class LiveSource:
                 if not status_of(ring, start + BLOCK_STATUS_OFFSET)[0] & TP_STATUS_USER:
                     events = poller.poll(idle_ms)
                     if not events:
-                        yield FrameBatch(self.link_type, b"", [])
+                        yield FrameBatch.empty(self.link_type)
                     elif events[0][1] & select.POLLERR:  # ENETDOWN when the interface goes down or away
                         code = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if code:
@@ -516,7 +514,7 @@ class LiveSource:
                 batch = read_block(ring, start, self.link_type, self._loopback_index)
                 if batch:
                     yield batch  # counted in place: the block goes back to the kernel only afterwards
-                    batch.spans = []  # whatever is kept of it must not read a block the kernel refills
+                    batch.starts = batch.ends = batch.wire_lengths = batch.starts[:0]  # no reading it once refilled
                 BLOCK_STATUS.pack_into(ring, start + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
                 self._block = (self._block + 1) % block_count
         except OSError as error:

@@ -6,16 +6,24 @@ A source yields ``FrameBatch``es: frames located in a shared buffer; an empty ba
 from __future__ import annotations
 
 import logging
+import math
+import mmap
+import os
 import struct
 import threading
 import time
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
+
+import numpy as np
 
 from .decode import supported_link_types
+from .walk import pcap_records
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 24
+MAP_WINDOW = 1 << 26  # bytes of a pcap file mapped at a time
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Frames per batch: large batches amortize the per-flow work; the cap bounds the memory a batch of
 # distinct flows (an address flood) takes.
 BATCH_FRAMES = 32768
@@ -51,21 +59,28 @@ class Frame(NamedTuple):
 class FrameBatch:
     """Frames of one link type, read in place from one buffer: no copy and no object per frame.
 
-    ``spans`` holds ``(start, end, wire_length)`` per frame: the captured bytes are
-    ``buffer[start:end]``; ``wire_length`` is the frame's length on the wire, which can exceed
-    what was captured. ``timestamps`` (seconds; None for a frame recorded without one) is filled
-    only by sources asked for it.
+    Frame ``i`` is ``buffer[starts[i]:ends[i]]`` as captured; ``wire_lengths[i]`` is its length on
+    the wire, which can exceed what was captured. ``timestamps`` (seconds; NaN for a frame recorded
+    without one) is filled only by sources asked for it. The arrays are numpy int64 (float64).
     An empty batch means "nothing arrived for a while", so the consumer can do housekeeping.
     """
 
-    __slots__ = ("link_type", "buffer", "spans", "timestamps")
+    __slots__ = ("link_type", "buffer", "starts", "ends", "wire_lengths", "timestamps")
 
-    def __init__(self, link_type: int, buffer: bytes, spans: list[tuple[int, int, int]],
-                 timestamps: Optional[list[float]] = None):
+    def __init__(self, link_type: int, buffer, starts: np.ndarray, ends: np.ndarray, wire_lengths: np.ndarray,
+                 timestamps: Optional[np.ndarray] = None):
         self.link_type = link_type
         self.buffer = buffer
-        self.spans = spans
+        self.starts, self.ends, self.wire_lengths = starts, ends, wire_lengths
         self.timestamps = timestamps
+
+    @classmethod
+    def from_spans(cls, link_type: int, buffer, spans: Sequence[tuple[int, int, int]],
+                   timestamps: Optional[Sequence[Optional[float]]] = None) -> "FrameBatch":
+        """A batch of the frames ``(start, end, wire_length)`` of ``buffer``."""
+        located = np.array(spans, np.int64).reshape(-1, 3)
+        return cls(link_type, buffer, located[:, 0], located[:, 1], located[:, 2],
+                   None if timestamps is None else np.array([np.nan if t is None else t for t in timestamps]))
 
     @classmethod
     def of(cls, link_type: int, frames: Iterable[Frame]) -> "FrameBatch":
@@ -75,20 +90,21 @@ class FrameBatch:
             pieces.append(data)
             spans.append((position, position + len(data), wire_length))
             position += len(data)
-        return cls(link_type, b"".join(pieces), spans)
+        return cls.from_spans(link_type, b"".join(pieces), spans)
+
+    @classmethod
+    def empty(cls, link_type: int) -> "FrameBatch":
+        """No frame: nothing arrived for a while."""
+        nothing = np.zeros(0, np.int64)
+        return cls(link_type, b"", nothing, nothing, nothing)
 
     def __len__(self) -> int:
-        return len(self.spans)
-
-    def frames(self) -> Iterator[Frame]:
-        """Each frame, copied out of the buffer (for tests and tools, not the hot path)."""
-        for start, end, wire_length in self.spans:
-            yield Frame(wire_length, bytes(self.buffer[start:end]))
+        return len(self.starts)
 
     def part(self, begin: int, end: int) -> "FrameBatch":
         """Frames ``begin`` to ``end`` of this batch, sharing its buffer."""
-        return FrameBatch(self.link_type, self.buffer, self.spans[begin:end],
-                          None if self.timestamps is None else self.timestamps[begin:end])
+        return FrameBatch(self.link_type, self.buffer, self.starts[begin:end], self.ends[begin:end],
+                          self.wire_lengths[begin:end], None if self.timestamps is None else self.timestamps[begin:end])
 
 
 class SourceError(Exception):
@@ -173,56 +189,52 @@ def _read_frames(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
 
 
 def _read_pcap(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
-    """Walk a classic pcap file in large chunks, noting where each frame lies: no copy per frame."""
+    """Walk a classic pcap file through memory-mapped windows, noting where each frame lies: no copy.
+
+    A window is mapped with its pages read in at once (MAP_POPULATE: one fault per page would cost
+    more than the counting) and dropped when the walk has left it, so memory stays bounded.
+    """
     header = file.read(24)
     if len(header) < 24:
         raise SourceError(f"{path}: truncated pcap header")
     order, units = PCAP_MAGICS[header[:4]]
     link_type = struct.unpack(order + "I", header[20:24])[0] & 0x0FFFFFFF  # upper bits: FCS info
     check_link_type(link_type, path)
-    lengths = struct.Struct(order + "8xII").unpack_from  # captured, on the wire
-    times = struct.Struct(order + "II").unpack_from  # seconds, fraction
-    buffer = b""
-    position = 0
-
-    def batch(spans: list[tuple[int, int, int]]) -> FrameBatch:
-        made = FrameBatch(link_type, buffer, spans)
-        if timestamps:
-            made.timestamps = [seconds + fraction / units
-                               for seconds, fraction in (times(buffer, start - 16) for start, _, _ in spans)]
-        return made
-
-    while True:
-        chunk = file.read(READ_CHUNK)
-        if not chunk:
+    size = os.fstat(file.fileno()).st_size
+    fields = np.dtype(order + "u4")
+    captured_at = struct.Struct(order + "I").unpack_from
+    position = 24  # in the file: where the next record starts
+    while size - position >= 16:
+        base = position - position % mmap.ALLOCATIONGRANULARITY
+        window = _map(file, base, min(size, position + MAP_WINDOW))
+        captured = captured_at(window, position - base + 8)[0]
+        if captured <= MAX_RECORD and base + len(window) < min(size, position + 16 + captured):
+            window = _map(file, base, min(size, position + 16 + captured))  # a record larger than the window
+        words = np.ndarray((len(window) - 3,), fields, window, 0, (1,))
+        at = position - base
+        while True:
+            offsets, at, corrupt = pcap_records(window, at, order, BATCH_FRAMES, MAX_RECORD)
+            if len(offsets):
+                starts = offsets + 16
+                captured, wire = words[offsets + 8].astype(np.int64), words[offsets + 12].astype(np.int64)
+                stamps = words[offsets] + words[offsets + 4] / units if timestamps else None
+                yield FrameBatch(link_type, window, starts, starts + captured, np.where(wire > 0, wire, captured),
+                                 stamps)
+            if corrupt:
+                raise SourceError(f"{path}: corrupt record at byte {base + at}")
+            if len(offsets) < BATCH_FRAMES:
+                break
+        if base + at == position:  # not one whole record in the window: the file ends inside it
             break
-        buffer = buffer[position:] + chunk
-        position = 0
-        end = len(buffer)
-        more = True
-        while more:
-            spans: list[tuple[int, int, int]] = []
-            append = spans.append
-            for _ in range(BATCH_FRAMES):
-                if position + 16 > end:
-                    more = False
-                    break
-                captured, wire_length = lengths(buffer, position)
-                start = position + 16
-                stop = start + captured
-                if stop > end:
-                    if captured > MAX_RECORD:
-                        if spans:
-                            yield batch(spans)  # the frames before the corruption count
-                        raise SourceError(f"{path}: corrupt record at byte {file.tell() - end + position}")
-                    more = False
-                    break
-                append((start, stop, wire_length or captured))
-                position = stop
-            if spans:
-                yield batch(spans)
-    if position != len(buffer):
+        position = base + at
+    if position != size:
         raise SourceError(f"{path}: truncated file (last record incomplete)")
+
+
+def _map(file, start: int, end: int) -> mmap.mmap:
+    """Bytes ``start`` (a multiple of the allocation granularity) to ``end`` of a file, read in at once."""
+    return mmap.mmap(file.fileno(), end - start, offset=start, flags=mmap.MAP_SHARED | MAP_POPULATE,
+                     prot=mmap.PROT_READ)
 
 
 def _read_pcapng(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
@@ -312,7 +324,7 @@ def _read_pcapng(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
                         check_link_type(interface.link_type, path)
                         checked.add(interface.link_type)
                     if spans:
-                        yield FrameBatch(link_type, buffer, spans, times if timestamps else None)
+                        yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
                         spans, times = [], []
                     link_type = interface.link_type
                 spans.append((start, start + captured, wire_length or captured))
@@ -320,14 +332,14 @@ def _read_pcapng(file, path: str, timestamps: bool) -> Iterator[FrameBatch]:
                     times.append(None if high is None else ((high << 32) | low) / interface.units + interface.offset)
                 position = following
                 if len(spans) == BATCH_FRAMES:
-                    yield FrameBatch(link_type, buffer, spans, times if timestamps else None)
+                    yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
                     spans, times = [], []
             if spans:  # they locate frames in this buffer: hand them over before the next chunk
-                yield FrameBatch(link_type, buffer, spans, times if timestamps else None)
+                yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
                 spans, times = [], []
     except SourceError:
         if spans:  # the frames before the problem count
-            yield FrameBatch(link_type, buffer, spans, times if timestamps else None)
+            yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
         raise
     if position != len(buffer):
         raise SourceError(f"{path}: truncated file (block at byte {base + position} incomplete)")
@@ -415,8 +427,8 @@ class _Pace:
         timed = 0
         for batch in batches:
             begin = 0
-            for index, timestamp in enumerate(batch.timestamps):
-                if timestamp is not None:
+            for index, timestamp in enumerate(batch.timestamps.tolist()):
+                if not math.isnan(timestamp):
                     if first is None:
                         first = latest = timestamp
                     elif timestamp > latest:

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import threading
-from typing import Mapping, Optional
+import logging
+from typing import Optional
 
-from .capture import FrameCounter
-from .classify import IN, ServerSet, protocol_labels
+from .classify import ServerSet
 from .decode import decode_frame
+from .engine import FrameCounter
 from .sources import PcapSource
 from .tally import RESULTS, Tally
+
+log = logging.getLogger(__name__)
 
 GUESS_FRAMES = 10000
 
@@ -20,7 +24,7 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
     seen: collections.Counter = collections.Counter()
     read = 0
     for batch in source.batches(threading.Event()):
-        for start, end, _wire_length in batch.spans:
+        for start, end in zip(batch.starts.tolist(), batch.ends.tolist()):
             decoded = decode_frame(batch.link_type, batch.buffer, start, end)
             if decoded.__class__ is not str:
                 seen[decoded[0]] += 1
@@ -33,37 +37,44 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
     return str(ipaddress.ip_address(seen.most_common(1)[0][0]))
 
 
-def summarize(source: PcapSource, servers: ServerSet, port_labels: Mapping[tuple[int, int], str],
-              tally: Tally) -> dict:
+def summarize(source: PcapSource, counter: FrameCounter, tally: Tally) -> dict:
     """Count every frame of ``source`` into ``tally`` and return the summary report."""
-    counter = FrameCounter(servers, port_labels)
+    slow = frames = 0
     for batch in source.batches(threading.Event()):
-        tally.record(*counter.count(batch))
-    return report(tally, protocol_labels(port_labels), servers)
+        counts = counter.count(batch)
+        tally.record(counts)
+        slow += counts.slow_frames
+        frames += len(batch)
+    log.debug("slow path: %d of %d frames", slow, frames)
+    return report(tally, counter.labels, counter.servers)
 
 
 def report(tally: Tally, labels: tuple[str, ...], servers: ServerSet) -> dict:
     """The summary as a JSON-ready dict: clients by total bytes, ignored frames by reason."""
     snapshot = tally.snapshot()
-    clients: dict[str, dict] = {}
-    for (client, direction, protocol), (nbytes, packets) in snapshot.series.items():
-        entry = clients.get(client)
-        if entry is None:
-            entry = clients[client] = {"ip": client, "bytes_in": 0, "bytes_out": 0, "packets_in": 0,
-                                       "packets_out": 0, "total": 0, "protocols": dict.fromkeys(labels, 0)}
-        suffix = "in" if direction == IN else "out"
-        entry["bytes_" + suffix] += nbytes
-        entry["packets_" + suffix] += packets
-        entry["total"] += nbytes
-        entry["protocols"][protocol] += nbytes
-    ordered = sorted(clients.values(), key=lambda c: (-c["total"], c["ip"]))
+    counts = snapshot.counts  # (client, bytes | packets, direction, label)
+    by_direction = counts.sum(axis=3).tolist()
+    by_label = counts[:, 0].sum(axis=1).tolist()
+    clients = [{"ip": client, "bytes_in": nbytes[0], "bytes_out": nbytes[1], "packets_in": packets[0],
+                "packets_out": packets[1], "total": nbytes[0] + nbytes[1], "protocols": dict(zip(labels, protocols))}
+               for client, (nbytes, packets), protocols in zip(snapshot.clients, by_direction, by_label)
+               if packets[0] or packets[1]]
+    clients.sort(key=lambda c: (-c["total"], c["ip"]))
     return {
         "servers": list(servers.addresses),
-        "clients": ordered,
+        "clients": clients,
         "ignored": {reason: snapshot.results[reason] for reason in RESULTS if reason != "counted"},
-        "total_bytes": sum(c["total"] for c in ordered),
+        "total_bytes": sum(c["total"] for c in clients),
         "packets": snapshot.results["counted"],
     }
+
+
+def format_json(summary: dict) -> str:
+    """The summary as JSON, one client per line (json's own indenting is many times slower)."""
+    parts = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in summary.items() if key != "clients"]
+    clients = ",\n".join(f"  {json.dumps(client)}" for client in summary["clients"])
+    parts.insert(1, f' "clients": [\n{clients}\n ]' if clients else ' "clients": []')
+    return "{\n" + ",\n".join(parts) + "\n}"
 
 
 def human_bytes(count: float) -> str:

@@ -1,7 +1,8 @@
-"""The exporter's state: cumulative counters per client, exact totals, the current one-second bucket.
+"""The exporter's state: cumulative counters per client, exact totals, and what the history takes.
 
-The capture thread is the only writer and records whole batches under one short lock; readers
-(the Prometheus collector, the REST history) take copies under the same lock.
+Counters live in arrays, one row per client slot: (bytes | packets, direction, protocol label).
+Slot 0 is ``other``. The capture thread is the only writer and adds whole batches under one short
+lock; readers (the Prometheus collector, the REST history) take copies under the same lock.
 
 Prometheus semantics come first: ``rate()`` and ``increase()`` over the client series must never
 count a byte twice. An evicted client's series simply end (nothing of its past moves anywhere);
@@ -10,21 +11,21 @@ a client label, which are never evicted.
 """
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Collection, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
 
 from .classify import DEFAULT_PORT_LABELS, IN, OUT, protocol_labels
+from .engine import DIRECTIONS, BatchCounts, ClientGrouping, ClientKey
 
 OTHER_CLIENT = "other"
 RESULTS = ("counted", "not_ip", "not_server", "internal", "malformed")
-# Packed address -> label text. Cleared when full: a flood of addresses costs CPU, never memory.
-NAME_CACHE_SIZE = 65536
-
-SeriesKey = tuple  # (client, direction, protocol)
-BatchCounts = Mapping[tuple, list]  # (packed client, direction, protocol) -> [bytes, packets]
+OTHER_SLOT = 0
+INITIAL_SLOTS = 64  # the table grows by doubling up to max_clients + 1 rows
+MAX_COUNT = 2 ** 63 - 1  # what a saved counter may hold
 
 
 @dataclass
@@ -44,30 +45,14 @@ class CaptureStatus:
         return f"{self.source}:{self.interface}" if self.source else ""
 
 
-class ClientTally:
-    """Counters of one client label: (direction, protocol) -> [bytes, packets]."""
-
-    __slots__ = ("last_seen", "counters")
-
-    def __init__(self, last_seen: float):
-        self.last_seen = last_seen
-        self.counters: dict[tuple[str, str], list[int]] = {}
-
-    def add(self, direction: str, protocol: str, nbytes: int, packets: int) -> None:
-        counter = self.counters.get((direction, protocol))
-        if counter is None:
-            self.counters[(direction, protocol)] = [nbytes, packets]
-        else:
-            counter[0] += nbytes
-            counter[1] += packets
-
-
 @dataclass(frozen=True)
 class TallySnapshot:
     """A consistent copy of the counters, taken at one instant."""
 
-    series: dict  # (client, direction, protocol) -> (bytes, packets)
-    totals: dict  # (direction, protocol) -> (bytes, packets), every counted frame
+    labels: tuple[str, ...]
+    clients: list[str]  # one per row of ``counts``; ``other`` first
+    counts: np.ndarray  # (client, bytes | packets, direction, label)
+    totals: np.ndarray  # (bytes | packets, direction, label): every counted frame
     results: dict  # result -> frames
     tracked_clients: int
     max_clients: int
@@ -78,72 +63,103 @@ class TallySnapshot:
     def frames(self) -> int:
         return sum(self.results.values())
 
+    @property
+    def series(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """(client, direction, protocol) -> (bytes, packets) for every series with traffic."""
+        found = {}
+        for row, direction, label in zip(*np.nonzero(self.counts[:, 1])):
+            found[(self.clients[row], DIRECTIONS[direction], self.labels[label])] = (
+                int(self.counts[row, 0, direction, label]), int(self.counts[row, 1, direction, label]))
+        return found
+
+    @property
+    def total_series(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(direction, protocol) -> (bytes, packets) for every pair with traffic."""
+        return {(DIRECTIONS[direction], self.labels[label]): (int(self.totals[0, direction, label]),
+                                                             int(self.totals[1, direction, label]))
+                for direction, label in zip(*np.nonzero(self.totals[1]))}
+
+
+class Bucket(NamedTuple):
+    """What was counted since the previous ``take_bucket``."""
+
+    totals: np.ndarray  # (bytes | packets, direction, label), exact
+    clients: list[str]
+    counts: np.ndarray  # (client, direction, label) -> bytes
+
 
 class Tally:
-    """Cumulative per-client counters with a bounded client table, plus the current second's bucket."""
+    """Cumulative per-client counters in a bounded client table, exact totals, and the bucket since the last take."""
 
     def __init__(self, *, max_clients: int = 500, client_idle_seconds: float = 900,
-                 client_prefix_v4: int = 32, client_prefix_v6: int = 128,
+                 grouping: Optional[ClientGrouping] = None,
                  labels: Sequence[str] = protocol_labels(DEFAULT_PORT_LABELS),
                  clock: Callable[[], float] = time.monotonic):
         self.max_clients = max_clients
-        self.labels = tuple(labels)
         self.client_idle_seconds = client_idle_seconds
-        self.client_prefix = {4: client_prefix_v4, 16: client_prefix_v6}
+        self.grouping = grouping or ClientGrouping()
+        self.labels = tuple(labels)
         self.clock = clock
         self.status = CaptureStatus()
         self._lock = threading.Lock()
-        self._clients: dict[str, ClientTally] = {}
-        self._other = ClientTally(0.0)
-        self._names: dict[bytes, str] = {}
-        self._totals: dict[tuple[str, str], list[int]] = {}
+        self._cell_shape = (2, len(DIRECTIONS), len(self.labels))
+        slots = min(INITIAL_SLOTS, max_clients + 1)
+        self._counts = np.zeros((slots, *self._cell_shape), np.int64)
+        self._taken = np.zeros_like(self._counts)  # counts at the last take_bucket
+        self._last_seen = np.zeros(slots)
+        self._slot_of: dict[ClientKey, int] = {}
+        self._keys: list[Optional[ClientKey]] = [None] * slots  # per slot; None: free (or ``other``)
+        self._names: list[str] = [OTHER_CLIENT] + [""] * (slots - 1)
+        self._free = list(range(slots - 1, 0, -1))
+        self._totals = np.zeros(self._cell_shape, np.int64)
+        self._taken_totals = np.zeros_like(self._totals)
+        self._evicted_detail: list[tuple[str, np.ndarray]] = []  # evicted since the last take: name, bytes
         self._results = dict.fromkeys(RESULTS, 0)
         self._evictions = 0
-        self._bucket: dict[SeriesKey, list[int]] = {}
         self._last_expiry = clock()
 
-    def record(self, counts: BatchCounts, ignored: Mapping[str, int]) -> None:
-        """Add one batch: per-(client, direction, protocol) sums and ignored frames by reason."""
+    def record(self, batch: BatchCounts) -> None:
+        """Add one batch's sums and ignored frames."""
         now = self.clock()
         with self._lock:
-            results = self._results
-            for reason, frames in ignored.items():
-                results[reason] += frames
-            clients, bucket, names, totals = self._clients, self._bucket, self._names, self._totals
-            counted = 0
-            for (packed, direction, protocol), (nbytes, packets) in counts.items():
-                client = names.get(packed) or self._name(packed)
-                entry = clients.get(client)
-                if entry is None:
-                    if len(clients) < self.max_clients:
-                        entry = clients[client] = ClientTally(now)
-                    else:
-                        client, entry = OTHER_CLIENT, self._other
-                entry.last_seen = now
-                counted += packets
-                # ClientTally.add, the totals and the bucket update, inlined: this loop runs per key per batch.
-                counter = entry.counters.get((direction, protocol))
-                if counter is None:
-                    entry.counters[(direction, protocol)] = [nbytes, packets]
-                else:
-                    counter[0] += nbytes
-                    counter[1] += packets
-                counter = totals.get((direction, protocol))
-                if counter is None:
-                    totals[(direction, protocol)] = [nbytes, packets]
-                else:
-                    counter[0] += nbytes
-                    counter[1] += packets
-                key = (client, direction, protocol)
-                counter = bucket.get(key)
-                if counter is None:
-                    bucket[key] = [nbytes, packets]
-                else:
-                    counter[0] += nbytes
-                    counter[1] += packets
-            results["counted"] += counted
+            for reason, frames in batch.ignored.items():
+                self._results[reason] += frames
+            if len(batch.family):
+                slot_of = self._slot_of
+                slots = np.array([slot_of.get(key) or self._admit(key, now) for key in
+                                  zip(batch.family.tolist(), batch.hi.tolist(), batch.lo.tolist())], np.intp)
+                np.add.at(self._counts, slots, batch.counts)
+                self._last_seen[slots] = now
+                totals = batch.counts.sum(axis=0)
+                self._totals += totals
+                self._results["counted"] += int(totals[1].sum())
             if now - self._last_expiry >= 1.0:
                 self._expire(now)
+
+    def _admit(self, key: ClientKey, now: float) -> int:
+        """A slot for a new client, or OTHER_SLOT when the table is full."""
+        if not self._free:
+            if len(self._slot_of) >= self.max_clients:
+                return OTHER_SLOT
+            self._grow()
+        slot = self._free.pop()
+        self._slot_of[key] = slot
+        self._keys[slot] = key
+        self._names[slot] = self.grouping.name(key)
+        self._last_seen[slot] = now
+        return slot
+
+    def _grow(self) -> None:
+        old = len(self._keys)
+        new = min(old * 2, self.max_clients + 1)
+        for name in ("_counts", "_taken"):
+            grown = np.zeros((new, *self._cell_shape), np.int64)
+            grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
+        self._last_seen = np.concatenate([self._last_seen, np.zeros(new - old)])
+        self._keys += [None] * (new - old)
+        self._names += [""] * (new - old)
+        self._free = list(range(new - 1, old - 1, -1))
 
     def expire(self) -> None:
         """Evict idle clients; called by the capture loop when no traffic arrives."""
@@ -154,41 +170,51 @@ class Tally:
         # The evicted clients' series end; moving their counts into ``other`` would make every
         # eviction a phantom spike in sum(rate(...)), since Prometheus already saw those bytes.
         self._last_expiry = now
-        deadline = now - self.client_idle_seconds
-        idle = [client for client, entry in self._clients.items() if entry.last_seen < deadline]
-        for client in idle:
-            del self._clients[client]
-        self._evictions += len(idle)
+        idle = np.flatnonzero(self._last_seen < now - self.client_idle_seconds).tolist()
+        for slot in idle:
+            key = self._keys[slot]
+            if key is None:
+                continue
+            unseen = self._counts[slot, 0] - self._taken[slot, 0]
+            if unseen.any():  # counted since the last take: the history still gets it
+                self._evicted_detail.append((self._names[slot], unseen))
+            self._counts[slot] = self._taken[slot] = 0
+            del self._slot_of[key]
+            self._keys[slot] = None
+            self._free.append(slot)
+            self._evictions += 1
 
-    def _name(self, packed: bytes) -> str:
-        prefix = self.client_prefix[len(packed)]
-        if prefix == len(packed) * 8:
-            name = str(ipaddress.ip_address(packed))
-        else:
-            name = str(ipaddress.ip_network((packed, prefix), strict=False))
-        if len(self._names) >= NAME_CACHE_SIZE:
-            self._names.clear()
-        self._names[packed] = name
-        return name
-
-    def take_bucket(self) -> dict[SeriesKey, list[int]]:
-        """Return what was counted since the previous call: (client, direction, protocol) -> [bytes, packets]."""
+    def take_bucket(self) -> Bucket:
+        """What was counted since the previous call: exact totals, and bytes per client."""
         with self._lock:
-            bucket, self._bucket = self._bucket, {}
-        return bucket
+            totals = self._totals - self._taken_totals
+            self._taken_totals = self._totals.copy()
+            delta = self._counts[:, 0] - self._taken[:, 0]
+            rows = np.flatnonzero(delta.any(axis=(1, 2)))
+            np.copyto(self._taken, self._counts)
+            evicted, self._evicted_detail = self._evicted_detail, []
+        names = [self._names[row] for row in rows.tolist()]
+        counts = delta[rows]
+        if evicted:  # a client evicted, and maybe back, within the second: one row per name
+            index = {name: row for row, name in enumerate(names)}
+            extra = []
+            for name, detail in evicted:
+                if name in index:
+                    counts[index[name]] += detail
+                else:
+                    index[name] = len(names)
+                    names.append(name)
+                    extra.append(detail)
+            counts = np.concatenate([counts, np.array(extra, np.int64).reshape(-1, *self._cell_shape[1:])])
+        return Bucket(totals, names, counts)
 
     def snapshot(self) -> TallySnapshot:
         """Copy the cumulative counters and capture status consistently."""
         with self._lock:
-            series = {}
-            for client, entry in self._clients.items():
-                for (direction, protocol), (nbytes, packets) in entry.counters.items():
-                    series[(client, direction, protocol)] = (nbytes, packets)
-            for (direction, protocol), (nbytes, packets) in self._other.counters.items():
-                series[(OTHER_CLIENT, direction, protocol)] = (nbytes, packets)
-            totals = {key: (nbytes, packets) for key, (nbytes, packets) in self._totals.items()}
-            return TallySnapshot(series=series, totals=totals, results=dict(self._results),
-                                 tracked_clients=len(self._clients), max_clients=self.max_clients,
+            rows = [OTHER_SLOT] + sorted(self._slot_of.values())
+            return TallySnapshot(labels=self.labels, clients=[self._names[row] for row in rows],
+                                 counts=self._counts[rows], totals=self._totals.copy(), results=dict(self._results),
+                                 tracked_clients=len(self._slot_of), max_clients=self.max_clients,
                                  evictions=self._evictions, status=replace(self.status))
 
     def export_state(self) -> dict:
@@ -196,44 +222,58 @@ class Tally:
         now = self.clock()
         with self._lock:
             return {
-                "clients": {client: {"idle_seconds": max(0.0, now - entry.last_seen), "counters": _counter_rows(entry)}
-                            for client, entry in self._clients.items()},
-                "other": _counter_rows(self._other),
-                "totals": [[direction, protocol, nbytes, packets]
-                           for (direction, protocol), (nbytes, packets) in self._totals.items()],
+                "clients": {self._names[slot]: {"idle_seconds": max(0.0, now - float(self._last_seen[slot])),
+                                                "counters": self._rows(self._counts[slot])}
+                            for slot in self._slot_of.values()},
+                "other": self._rows(self._counts[OTHER_SLOT]),
+                "totals": self._rows(self._totals),
                 "results": dict(self._results),
                 "evictions": self._evictions,
             }
+
+    def _rows(self, cells: np.ndarray) -> list:
+        return [[DIRECTIONS[direction], self.labels[label], int(cells[0, direction, label]),
+                 int(cells[1, direction, label])] for direction, label in zip(*np.nonzero(cells[1]))]
+
+    def _cells(self, rows: object) -> np.ndarray:
+        if not isinstance(rows, list):
+            raise ValueError("counters must be a list of rows")
+        cells = np.zeros(self._cell_shape, np.int64)
+        for direction, protocol, nbytes, packets in rows:
+            if direction not in (IN, OUT) or protocol not in self.labels:
+                raise ValueError(f"bad counter row {[direction, protocol, nbytes, packets]!r}")
+            cell = (DIRECTIONS.index(direction), self.labels.index(protocol))
+            cells[(0, *cell)] += count(nbytes)
+            cells[(1, *cell)] += count(packets)
+        return cells
 
     def prepare_restore(self, state: Mapping) -> Callable[[], None]:
         """Check counters saved by ``export_state``; return what puts them back.
 
         Raises ValueError (or KeyError/TypeError) on data of the wrong shape or range, changing
-        nothing. Beyond the client cap, the clients idle the longest are left out: their series end
-        as an eviction's would (moving them into ``other`` would count their bytes twice).
+        nothing. Clients beyond the cap (the idlest first), or labelled by another prefix length,
+        are left out: their series end as an eviction's would (moving them into ``other`` would
+        count their bytes twice).
         """
         clients = state["clients"]
         if not isinstance(clients, dict):
             raise ValueError("clients must be a mapping")
         restored = []
-        for client, saved in clients.items():
+        for name, saved in clients.items():
             if isinstance(saved, list):  # version 1: counter rows only
                 saved = {"idle_seconds": 0.0, "counters": saved}
             idle = saved["idle_seconds"]
             if type(idle) not in (int, float) or not 0 <= idle < 1e10:
                 raise ValueError(f"bad idle time {idle!r}")
-            ipaddress.ip_network(client)  # ValueError unless an address or network, as labelled here
-            restored.append((idle, client, _rows_to_entry(saved["counters"], self.labels)))
+            if not isinstance(name, str) or ":" not in name and "." not in name:
+                raise ValueError(f"bad client {name!r}")
+            restored.append((idle, name, self._cells(saved["counters"])))
         restored.sort(key=lambda item: item[0])
-        other = _rows_to_entry(state["other"], self.labels)
+        other = self._cells(state["other"])
         if "totals" in state:
-            totals = _rows_to_entry(state["totals"], self.labels).counters
+            totals = self._cells(state["totals"])
         else:  # version 1 kept no totals; its clients and ``other`` held every counted byte
-            totals = ClientTally(0.0)
-            for entry in [other, *(entry for _, _, entry in restored)]:
-                for (direction, protocol), (nbytes, packets) in entry.counters.items():
-                    totals.add(direction, protocol, nbytes, packets)
-            totals = totals.counters
+            totals = other + sum((cells for _, _, cells in restored), np.zeros(self._cell_shape, np.int64))
         results = state["results"]
         if not isinstance(results, dict):
             raise ValueError("results must be a mapping")
@@ -241,25 +281,25 @@ class Tally:
         evictions = count(state["evictions"])
         return lambda: self._restore(restored, other, totals, results, evictions)
 
-    def _restore(self, restored: list, other: ClientTally, totals: dict, results: dict, evictions: int) -> None:
+    def _restore(self, restored: list, other: np.ndarray, totals: np.ndarray, results: dict, evictions: int) -> None:
         now = self.clock()
         with self._lock:
-            for idle, client, entry in restored:
-                if client in self._clients or len(self._clients) >= self.max_clients:
+            for idle, name, cells in restored:
+                key = self.grouping.key(name)
+                if key is None or key in self._slot_of:
                     continue
-                entry.last_seen = now - idle
-                self._clients[client] = entry
-            for target, source in ((self._other.counters, other.counters), (self._totals, totals)):
-                for key, (nbytes, packets) in source.items():
-                    counter = target.setdefault(key, [0, 0])
-                    counter[0] += nbytes
-                    counter[1] += packets
+                slot = self._admit(key, now - idle)
+                if slot == OTHER_SLOT:
+                    break
+                self._counts[slot] += cells
+                self._taken[slot] += cells  # restored counts are no new traffic for the history
+            for target in (self._counts[OTHER_SLOT], self._taken[OTHER_SLOT]):
+                target += other
+            self._totals += totals
+            self._taken_totals += totals
             for result, frames in results.items():
                 self._results[result] += frames
             self._evictions += evictions
-
-
-MAX_COUNT = 2 ** 63 - 1  # what a saved counter may hold; a float64 sample still shows it approximately
 
 
 def count(value: object) -> int:
@@ -267,18 +307,3 @@ def count(value: object) -> int:
     if type(value) is not int or not 0 <= value <= MAX_COUNT:
         raise ValueError(f"bad counter value {value!r}")
     return value
-
-
-def _counter_rows(entry: ClientTally) -> list:
-    return [[direction, protocol, nbytes, packets] for (direction, protocol), (nbytes, packets) in entry.counters.items()]
-
-
-def _rows_to_entry(rows: list, labels: Collection[str]) -> ClientTally:
-    if not isinstance(rows, list):
-        raise ValueError("counters must be a list of rows")
-    entry = ClientTally(0.0)
-    for direction, protocol, nbytes, packets in rows:
-        if direction not in (IN, OUT) or protocol not in labels:
-            raise ValueError(f"bad counter row {[direction, protocol, nbytes, packets]!r}")
-        entry.add(direction, protocol, count(nbytes), count(packets))
-    return entry

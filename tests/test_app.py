@@ -16,11 +16,12 @@ from scapy.layers.l2 import Ether
 
 from compat_api.app import create_app
 from compat_api.history import History
-from exporter.capture import count_frames
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
 from exporter.config import Config
 from exporter.sources import Frame, FrameBatch, PcapSource
+from exporter.engine import FrameCounter
 from exporter.tally import Tally
+from tests.builders import count_frames
 
 SERVER = "192.0.2.1"
 LABELS = list(protocol_labels(DEFAULT_PORT_LABELS))
@@ -54,7 +55,7 @@ def not_server() -> Frame:
 
 def feed(tally: Tally, frames: list[Frame]) -> None:
     """Count frames into the tally as the capture thread does."""
-    tally.record(*count_frames(FrameBatch.of(1, frames), ServerSet([SERVER]), DEFAULT_PORT_LABELS))
+    tally.record(count_frames(frames, ServerSet([SERVER])))
 
 
 # Seconds 999..1002: traffic in 999, idle 1000 and 1001 (a missed tick, zero-filled), traffic in 1002.
@@ -411,8 +412,9 @@ def test_replayed_pcap_matches_the_oracle():
     expected = json.loads((CORPUS / "expected" / "mptcp-v0.pcap.json").read_text())
     tally = Tally()
     source = PcapSource(str(CORPUS / "pcaps" / "mptcp-v0.pcap"))
+    counter = FrameCounter(ServerSet(expected["servers"]), DEFAULT_PORT_LABELS, LABELS)
     for batch in source.batches(threading.Event()):
-        tally.record(*count_frames(batch, ServerSet(expected["servers"]), DEFAULT_PORT_LABELS))
+        tally.record(counter.count(batch))
     history = History(tally, 300)
     history.tick(1000)
     client = make_client(history, server_ips=tuple(expected["servers"]))

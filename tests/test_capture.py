@@ -12,13 +12,15 @@ from prometheus_client import generate_latest
 
 from compat_api.app import create_app
 from compat_api.history import History
-from exporter.capture import Capture, FrameCounter
+from exporter.capture import Capture
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, classify
 from exporter.collector import build_registry
 from exporter.config import Config
 from exporter.decode import decode_frame
+from exporter.engine import FrameCounter
 from exporter.sources import Frame, FrameBatch, PcapSource
 from exporter.tally import Tally
+from tests.builders import LABELS, sums_of
 from tests.test_decode import random_frame
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
@@ -36,18 +38,20 @@ def test_batch_counts_equal_frame_by_frame_classification():
         if isinstance(result, str):
             expected_ignored[result] = expected_ignored.get(result, 0) + 1
         else:
-            counter = expected_counts.setdefault(result, [0, 0])
+            packed, direction, label = result
+            counter = expected_counts.setdefault((str(ipaddress.ip_address(packed)), direction, label), [0, 0])
             counter[0] += wire
             counter[1] += 1
-    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, memo_size=400)  # small: the memo gets cleared
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, client_index_capacity=400)  # ids start afresh
     counts, ignored = {}, {}
     batches = [FrameBatch.of(link, [Frame(wire, data) for _, data, wire in group])
                for start in range(0, len(frames), 256)
                for link, group in itertools.groupby(sorted(frames[start:start + 256], key=lambda f: f[0]),
                                                     key=lambda f: f[0])]
     for batch in batches:
-        batch_counts, batch_ignored = counter.count(batch)
-        for key, (nbytes, packets) in batch_counts.items():
+        batch_counts = counter.count(batch)
+        batch_ignored = batch_counts.ignored
+        for key, (nbytes, packets) in sums_of(batch_counts).items():
             total = counts.setdefault(key, [0, 0])
             total[0] += nbytes
             total[1] += packets
@@ -95,7 +99,7 @@ def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatc
     monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
     tally = Tally()
     source = FailingOnce(CORPUS / "afs.pcap", kind="live")
-    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS,
+    capture = Capture(lambda: source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS),
                       restart_on_error=True)
     with caplog.at_level(logging.ERROR):
         capture.start()
@@ -117,7 +121,7 @@ def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, m
     tally = Tally()
     source = FailingOnce(CORPUS / "afs.pcap", kind="pcap")
     source.inner.loop = loop
-    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS)  # as serve wires it
+    capture = Capture(lambda: source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))  # as serve wires it
     with caplog.at_level(logging.ERROR):
         capture.start()
         try:
@@ -133,7 +137,7 @@ def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, m
 def test_stop_interrupts_a_realtime_replay_quickly():
     tally = Tally()
     source = PcapSource(str(CORPUS / "afs.pcap"), realtime=True, loop=True)
-    capture = Capture(lambda: source, tally, ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS)
+    capture = Capture(lambda: source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
     capture.start()
     wait_for(lambda: tally.status.running)
     started = time.monotonic()

@@ -1,5 +1,4 @@
 """TrafficCollector: every metric of DESIGN §4 from one snapshot, valid exposition per promtool."""
-import ipaddress
 import shutil
 import subprocess
 
@@ -9,13 +8,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collector import TrafficCollector, build_registry
 from exporter.tally import Tally
+from tests.builders import batch_counts
 
 
 def tally_with_traffic():
     tally = Tally(max_clients=1)
-    client = ipaddress.ip_address("198.51.100.7").packed
-    second = ipaddress.ip_address("2001:db8::7").packed
-    tally.record({(client, "in", "HTTP"): [1500, 3], (second, "out", "DNS"): [80, 1]}, {"not_ip": 2})
+    tally.record(batch_counts({("198.51.100.7", "in", "HTTP"): (1500, 3), ("2001:db8::7", "out", "DNS"): (80, 1)},
+                              {"not_ip": 2}))
     tally.status.source, tally.status.interface, tally.status.running = "pcap", "x.pcap", True
     return tally
 

@@ -14,8 +14,9 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from exporter.decode import MALFORMED, NOT_IP, decode_frame, decode_key, sum_by_key, supported_link_types
+from exporter.decode import MALFORMED, NOT_IP, decode_frame, supported_link_types
 from exporter.sources import PcapSource, SourceError
+from tests.builders import frames_of
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
 EXTENSION_LAYERS = (IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, AH)
@@ -151,10 +152,9 @@ SURROUNDINGS = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / I
 
 
 def decode_in_buffer(link_type: int, data: bytes):
-    """The batch path: the frame inside a larger buffer, filed by ``sum_by_key``, decoded by its key."""
+    """The frame read in place inside a larger capture buffer, as batches are."""
     buffer = SURROUNDINGS[:13] + data + SURROUNDINGS
-    (key,) = sum_by_key(link_type, buffer, [(13, 13 + len(data), 1)])
-    return decode_key(key)
+    return decode_frame(link_type, buffer, 13, 13 + len(data))
 
 
 def test_decode_agrees_with_scapy_dissection_on_random_frames():
@@ -251,7 +251,7 @@ def corpus_frames():
     for path in sorted(CORPUS.iterdir()):
         try:
             for batch in PcapSource(str(path)).batches(threading.Event()):
-                frames.extend((batch.link_type, frame.data) for frame in list(batch.frames())[:200])
+                frames.extend((batch.link_type, frame.data) for frame in frames_of(batch)[:200])
         except SourceError:
             pass  # a truncated fuzz file: the frames read before the error are kept
     return frames
@@ -272,41 +272,12 @@ def test_mutated_corpus_frames_never_raise(index, mutations, cut):
     assert decode_in_buffer(link_type, frame) == result
 
 
-@pytest.mark.parametrize("network", [
-    IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=40000, dport=443),
-    IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=40000, dport=53),
-])
-def test_frames_of_one_flow_are_summed_under_one_key(network):
-    # What changes from packet to packet (TTL, identification, checksums, lengths, payload, the VLAN
-    # tag) must not split a flow: the batch is decoded once per key.
-    variants = []
-    for index in range(6):
-        packet = network.copy()
-        if IP in packet:
-            packet[IP].ttl, packet[IP].id = 64 - index, index * 7919
-        else:
-            packet[IPv6].hlim, packet[IPv6].fl = 64 - index, index
-        layers = Dot1Q(vlan=index) / packet if index % 2 else packet
-        variants.append(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / layers
-                              / (b"x" * (20 + 100 * index))))
-    buffer = b"".join(variants)
-    spans, position = [], 0
-    for data in variants:
-        spans.append((position, position + len(data), len(data) + 4))
-        position += len(data)
-    sums = sum_by_key(1, buffer, spans)
-    assert len(sums) == 1
-    (key, total), = sums.items()
-    assert total == [sum(len(data) + 4 for data in variants), len(variants)]
-    assert decode_key(key) == decode_frame(1, variants[0])
-
-
 @settings(max_examples=1500, deadline=None)
 @given(seed=st.integers(0, 2**32), mutations=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), max_size=3),
        cut=st.integers(30, 200))
-def test_common_frames_mutated_or_cut_decode_the_same_by_key(seed, mutations, cut):
-    # Frames near the fast path's shapes (Ethernet, maybe one VLAN tag, IPv4/IPv6, TCP/UDP/ICMP),
-    # with header bytes changed or cut short: the keyed path must fall back exactly where it should.
+def test_common_frames_mutated_or_cut_decode_the_same_in_place(seed, mutations, cut):
+    # Frames of common shapes (Ethernet, maybe one VLAN tag, IPv4/IPv6, TCP/UDP/ICMP), with header
+    # bytes changed or cut short, read inside a larger buffer: nothing past the frame's end is read.
     rng = random.Random(seed)
     version = rng.choice([4, 6])
     network = (IP(src=random_address(rng, 4), dst=random_address(rng, 4), frag=rng.choice([0, 0, 0, 5]))

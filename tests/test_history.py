@@ -14,11 +14,11 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from compat_api.history import FINE_SECONDS, MAX_BUCKET_CLIENTS, MAX_COARSE_SPANS, History, fold_small_clients
-from exporter.capture import count_frames
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet
 from exporter.persistence import restore, save_state
 from exporter.sources import Frame, FrameBatch
 from exporter.tally import OTHER_CLIENT, Tally
+from tests.builders import batch_counts, count_frames
 
 SERVER = "192.0.2.1"
 SERVERS = ServerSet([SERVER])
@@ -42,7 +42,7 @@ def dns_answer(client: str, payload: bytes = b"") -> Frame:
 
 def feed(tally: Tally, frames: list[Frame]) -> int:
     """Count ``frames`` into ``tally`` the way the capture thread does; return their bytes."""
-    tally.record(*count_frames(FrameBatch.of(LINKTYPE_ETHERNET, frames), SERVERS, DEFAULT_PORT_LABELS))
+    tally.record(count_frames(frames, SERVERS))
     return sum(f.wire_length for f in frames)
 
 
@@ -203,8 +203,8 @@ raw_buckets = st.dictionaries(
 def test_totals_and_client_sums_stay_exact_for_any_second(raw, max_clients):
     tally = Tally(max_clients=max_clients)
     history = History(tally, 10)
-    tally.record({(bytes([198, 51, 100, host]), direction, protocol): value
-                  for (host, direction, protocol), value in raw.items()}, {})
+    tally.record(batch_counts({(bytes([198, 51, 100, host]), direction, protocol): value
+                               for (host, direction, protocol), value in raw.items()}))
     history.tick(1000)
     view = history.seconds_window(10)
     assert int(view.counts[:, 0].sum()) == sum(b for b, _ in raw.values())
@@ -251,12 +251,13 @@ def test_long_history_keeps_client_detail_bounded_and_exact():
 
 def test_a_day_of_history_with_busy_seconds_fits_in_bounded_memory():
     tally = Tally(max_clients=1000)
-    busy_second = {(bytes([10, 0, index >> 8, index & 0xFF]), "in", "HTTP"): [100 + index, 1] for index in range(300)}
+    busy_second = batch_counts({(bytes([10, 0, index >> 8, index & 0xFF]), "in", "HTTP"): (100 + index, 1)
+                                for index in range(300)})
     tracemalloc.start()
     try:
         history = History(tally, 86400)
         for second in range(1000, 1000 + 700):
-            tally.record(busy_second, {})
+            tally.record(busy_second)
             history.tick(second)
         used = tracemalloc.get_traced_memory()[0]
     finally:
@@ -317,7 +318,7 @@ def test_ticker_thread_stores_a_second_every_second():
 def test_export_and_restore_round_trip_keeps_seconds_and_fills_the_gap(tmp_path):
     tally = Tally()
     saved = History(tally, 30)
-    tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [100, 1]}, {})
+    tally.record(batch_counts({("198.51.100.7", "in", "HTTP"): (100, 1)}))
     saved.tick(1000.5)
     saved.tick(1001.5)
     path = str(tmp_path / "state.json")
@@ -334,7 +335,7 @@ def test_restore_of_a_long_history_keeps_its_spans(tmp_path):
     tally = Tally()
     saved = History(tally, 3600)
     for second in range(1000, 1000 + 1000):
-        tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [10, 1]}, {})
+        tally.record(batch_counts({("198.51.100.7", "in", "HTTP"): (10, 1)}))
         saved.tick(second)
     path = str(tmp_path / "state.json")
     save_state(path, {"history": saved.export_state()})
@@ -359,7 +360,7 @@ def test_restore_refuses_bad_seconds(change, reason):
     saved = History(tally, 30)
     now = time.time()
     for offset in (-3, -2):
-        tally.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [10, 1]}, {})
+        tally.record(batch_counts({("198.51.100.7", "in", "HTTP"): (10, 1)}))
         saved.tick(now + offset)
     state = saved.export_state()
     change(state)

@@ -17,6 +17,7 @@ from exporter.live import (CAPTURE_SNAPLEN, ETHERNET_HEADER_LENGTH, PACKET_OUTGO
                            FilterError, adapt_bpf_for_kernel, compile_bpf, default_route_interface,
                            permission_message, read_block, ring_request)
 from exporter.sources import Frame, SourceError
+from tests.builders import frames_of, spans_of
 
 PROC_NET_ROUTE = """\
 Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -99,13 +100,13 @@ def test_read_block_returns_each_frame_of_a_block_following_next_offsets():
     block = ring_block([RingFrame(frame) for frame in frames])
     batch = read_block(block, 0, LINKTYPE_ETHERNET, 0)
     assert batch.link_type == LINKTYPE_ETHERNET
-    assert list(batch.frames()) == [Frame(len(f), f) for f in frames]
+    assert frames_of(batch) == [Frame(len(f), f) for f in frames]
 
 
 def test_read_block_reads_a_block_at_its_offset_in_the_ring_and_honours_offset_to_first_packet():
     frame = ethernet_udp()
     block = ring_block([RingFrame(frame), RingFrame(frame)], lead=b"\xff" * 4096, first_offset=64)
-    assert list(read_block(block, 4096, LINKTYPE_ETHERNET, 0).frames()) == [Frame(len(frame), frame)] * 2
+    assert frames_of(read_block(block, 4096, LINKTYPE_ETHERNET, 0)) == [Frame(len(frame), frame)] * 2
 
 
 def test_read_block_returns_nothing_for_an_empty_block():
@@ -115,7 +116,7 @@ def test_read_block_returns_nothing_for_an_empty_block():
 def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied():
     aggregate = ethernet_udp(b"y" * 200)[:96]  # a GRO aggregate cut short by the snap length
     batch = read_block(ring_block([RingFrame(aggregate, wire_length=65014)]), 0, LINKTYPE_ETHERNET, 0)
-    assert list(batch.frames()) == [Frame(65014, aggregate)]
+    assert frames_of(batch) == [Frame(65014, aggregate)]
 
 
 def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_tagged():
@@ -131,8 +132,8 @@ def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_t
                   status=TP_STATUS_USER | TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID),
     ])
     batch = read_block(block, 0, LINKTYPE_ETHERNET, 0)
-    assert [wire_length for wire_length, _ in batch.frames()] == [len(tagged), len(plain), len(qinq)]
-    assert [decode_frame(LINKTYPE_ETHERNET, data) for _, data in batch.frames()] == [
+    assert [wire_length for wire_length, _ in frames_of(batch)] == [len(tagged), len(plain), len(qinq)]
+    assert [decode_frame(LINKTYPE_ETHERNET, data) for _, data in frames_of(batch)] == [
         decode_frame(LINKTYPE_ETHERNET, frame) for frame in (tagged, plain, qinq)]
 
 
@@ -141,7 +142,7 @@ def test_read_block_reads_frames_in_place_in_the_ring():
     block = ring_block([RingFrame(frame)])
     batch = read_block(block, 0, LINKTYPE_ETHERNET, 0)
     assert batch.buffer is block
-    (start, end, _), = batch.spans
+    (start, end, _), = spans_of(batch)
     assert block[start:end] == frame
 
 
@@ -168,9 +169,9 @@ def test_cooked_frames_decode_and_count_as_libpcap_records_them_with_an_sll_head
     ring = writable_ring(ring_block([delivered for delivered, _ in frames]))
     batch = read_block(ring, 0, LINKTYPE_LINUX_SLL, 0)
     assert batch.buffer is ring and batch.link_type == LINKTYPE_ETHERNET  # in place, framed as Ethernet
-    assert [(wire_length, decode_frame(batch.link_type, data)) for wire_length, data in batch.frames()] == [
+    assert [(wire_length, decode_frame(batch.link_type, data)) for wire_length, data in frames_of(batch)] == [
         (len(bytes(recorded)), decode_frame(LINKTYPE_LINUX_SLL, bytes(recorded))) for _, recorded in frames]
-    assert decode_frame(batch.link_type, list(batch.frames())[3].data) == NOT_IP
+    assert decode_frame(batch.link_type, frames_of(batch)[3].data) == NOT_IP
 
 
 def test_read_block_skips_outgoing_copies_on_the_loopback_only():
@@ -181,7 +182,7 @@ def test_read_block_skips_outgoing_copies_on_the_loopback_only():
         RingFrame(payloads[2], mac=COOKED_MAC_OFFSET, ifindex=2, pkttype=PACKET_OUTGOING),  # sent on eth0
     ])
     batch = read_block(writable_ring(block), 0, LINKTYPE_LINUX_SLL, 1)
-    kept = [data[ETHERNET_HEADER_LENGTH:] for _, data in batch.frames()]
+    kept = [data[ETHERNET_HEADER_LENGTH:] for _, data in frames_of(batch)]
     assert kept == payloads[1:]
 
 

@@ -12,12 +12,13 @@ import pytest
 from compat_api.history import History
 from exporter.persistence import PeriodicSaver, restore, save_state
 from exporter.tally import RESULTS, Tally
+from tests.builders import batch_counts
 
 
 def filled_tally():
     tally = Tally()
-    packed = ipaddress.ip_address("198.51.100.7").packed
-    tally.record({(packed, "in", "HTTP"): [1500, 3], (packed, "out", "HTTP"): [400, 2]}, {"not_ip": 4})
+    tally.record(batch_counts({("198.51.100.7", "in", "HTTP"): (1500, 3), ("198.51.100.7", "out", "HTTP"): (400, 2)},
+                              {"not_ip": 4}))
     return tally
 
 
@@ -39,7 +40,7 @@ def test_restore_beyond_the_client_cap_ends_series_but_keeps_totals(tmp_path):
     restore(path, {"tally": capped.prepare_restore})
     snapshot = capped.snapshot()
     assert snapshot.series == {}  # nothing moves into "other": Prometheus already counted those bytes
-    assert snapshot.totals == {("in", "HTTP"): (1500, 3), ("out", "HTTP"): (400, 2)}
+    assert snapshot.total_series == {("in", "HTTP"): (1500, 3), ("out", "HTTP"): (400, 2)}
 
 
 def test_periodic_saver_writes_on_stop(tmp_path):
@@ -112,7 +113,7 @@ def test_a_history_second_in_the_future_means_a_fresh_start(tmp_path, caplog):
     fresh_tally, fresh_history = Tally(), History(Tally(), 60)
     caplog.set_level(logging.WARNING)
     assert not restore(str(path), {"tally": fresh_tally.prepare_restore, "history": fresh_history.prepare_restore})
-    assert fresh_tally.snapshot().totals == {}  # all or nothing: the tally is not restored either
+    assert fresh_tally.snapshot().total_series == {}  # all or nothing: the tally is not restored either
     assert "future" in caplog.text
 
 
@@ -129,7 +130,7 @@ def test_a_version_1_file_is_upgraded(tmp_path):
     assert restore(str(path), {"tally": tally.prepare_restore, "history": history.prepare_restore})
     snapshot = tally.snapshot()
     assert snapshot.series == {("198.51.100.7", "in", "HTTP"): (1500, 3), ("other", "out", "DNS"): (70, 1)}
-    assert snapshot.totals == {("in", "HTTP"): (1500, 3), ("out", "DNS"): (70, 1)}
+    assert snapshot.total_series == {("in", "HTTP"): (1500, 3), ("out", "DNS"): (70, 1)}
     assert snapshot.evictions == 1
     assert history.clients_window(60).clients == ["198.51.100.7"]
 
@@ -137,7 +138,7 @@ def test_a_version_1_file_is_upgraded(tmp_path):
 def test_idle_time_survives_a_restart(tmp_path):
     clock = [1000.0]
     saved = Tally(client_idle_seconds=60, clock=lambda: clock[0])
-    saved.record({(ipaddress.ip_address("198.51.100.7").packed, "in", "HTTP"): [10, 1]}, {})
+    saved.record(batch_counts({("198.51.100.7", "in", "HTTP"): (10, 1)}))
     clock[0] += 50
     path = str(tmp_path / "state.json")
     save_state(path, {"tally": saved.export_state()})

@@ -4,6 +4,7 @@ import logging
 import pathlib
 import random
 import shutil
+import mmap
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from scapy.utils import PcapNgWriter, RawPcapNgReader, RawPcapReader, wrpcap
 from exporter import sources
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_RAW
 from exporter.sources import Frame, FrameBatch, PcapSource, SourceError
+from tests.builders import frames_of, spans_of, timestamps_of
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
 CORPUS_PCAPNG = sorted(CORPUS.glob("*.pcapng"))
@@ -69,7 +71,7 @@ def read_records(path: pathlib.Path) -> tuple[list[FrameBatch], list[tuple[Optio
     """Our reader as a paced replay uses it, without the pacing: its batches, and (timestamp, frame) pairs."""
     with open(path, "rb") as file:
         batches = list(sources._read_frames(file, str(path), timestamps=True))
-    return batches, [record for batch in batches for record in zip(batch.timestamps, batch.frames())]
+    return batches, [record for batch in batches for record in zip(timestamps_of(batch), frames_of(batch))]
 
 
 def assert_same_records(ours, theirs):
@@ -80,7 +82,7 @@ def assert_same_records(ours, theirs):
 
 def read_all(path: pathlib.Path, **options) -> tuple[list[FrameBatch], list[Frame]]:
     batches = list(PcapSource(str(path), **options).batches(threading.Event()))
-    return batches, [frame for batch in batches for frame in batch.frames()]
+    return batches, [frame for batch in batches for frame in frames_of(batch)]
 
 
 def option(order: str, code: int, value: bytes) -> bytes:
@@ -221,7 +223,7 @@ def test_every_packet_block_kind_reads_as_scapy_and_tshark_read_it(tmp_path, ord
     batches, ours = read_records(path)
     assert_same_records(ours, scapy_records(path))
     assert_same_records(ours, tshark_records(path))
-    assert [batch.link_type for batch in batches for _ in batch.spans] == file.link_types
+    assert [batch.link_type for batch in batches for _ in range(len(batch))] == file.link_types
     assert {OBSOLETE_PACKET, SIMPLE_PACKET, ENHANCED_PACKET} <= file.block_types
 
 
@@ -229,7 +231,7 @@ def test_sections_of_both_byte_orders_read_as_tshark_reads_them(tmp_path):
     path, file = many_sections(tmp_path)
     batches, ours = read_records(path)
     assert_same_records(ours, tshark_records(path))
-    assert [batch.link_type for batch in batches for _ in batch.spans] == file.link_types
+    assert [batch.link_type for batch in batches for _ in range(len(batch))] == file.link_types
     assert sum(len(frame.data) == 40 < frame.wire_length for _, frame in ours) >= 5  # cut simple packets
 
 
@@ -269,7 +271,7 @@ def test_pcapng_written_by_scapy_reads_as_scapy_and_tshark_read_it(tmp_path):
     batches, ours = read_records(path)
     assert_same_records(ours, scapy_records(path))
     assert_same_records(ours, tshark_records(path))
-    assert [batch.link_type for batch in batches for _ in batch.spans] == [
+    assert [batch.link_type for batch in batches for _ in range(len(batch))] == [
         LINKTYPE_IPV6 if index % 5 == 0 else LINKTYPE_ETHERNET for index in range(50)]
 
 
@@ -278,8 +280,10 @@ def test_records_split_across_chunks_and_batches_are_read_whole(monkeypatch, tmp
     path = many_sections(tmp_path)[0] if name.endswith(".pcapng") else CORPUS / name
     _, expected = read_all(path)
     monkeypatch.setattr(sources, "READ_CHUNK", 97)  # smaller than most records: most are split
+    monkeypatch.setattr(sources, "MAP_WINDOW", 97)
     assert read_all(path)[1] == expected and len(expected) > 10
     monkeypatch.setattr(sources, "READ_CHUNK", 1 << 20)
+    monkeypatch.setattr(sources, "MAP_WINDOW", 1 << 20)
     monkeypatch.setattr(sources, "BATCH_FRAMES", 3)
     batches, frames = read_all(path)
     assert frames == expected
@@ -287,19 +291,20 @@ def test_records_split_across_chunks_and_batches_are_read_whole(monkeypatch, tmp
     assert all(batch.timestamps is None for batch in batches)  # only paced replays need them
 
 
-def test_a_batch_reads_its_frames_in_place_in_the_file_chunk():
+def test_a_batch_reads_its_frames_in_place_in_the_mapped_file():
     (batch, *_), _ = read_all(CORPUS / "mptcp-v0.pcap")
-    start, end, wire_length = batch.spans[1]
+    start, end, wire_length = spans_of(batch)[1]
     data = (CORPUS / "mptcp-v0.pcap").read_bytes()
-    assert batch.buffer[start:end] == data[start + 24:end + 24]  # the chunk begins after the file header
-    assert struct.unpack_from("<I", data, start + 24 - 4)[0] == wire_length
+    assert isinstance(batch.buffer, mmap.mmap)  # the window begins at the start of the file
+    assert batch.buffer[start:end] == data[start:end]
+    assert struct.unpack_from("<I", data, start - 4)[0] == wire_length
 
 
 def test_a_pcapng_batch_reads_its_frames_in_place_in_the_file():
     path = CORPUS / "ahcp.pcapng"
     (batch, *_), _ = read_all(path)
     data = path.read_bytes()
-    for start, end, wire_length in batch.spans:  # the first chunk begins at the start of the file
+    for start, end, wire_length in spans_of(batch):  # the first chunk begins at the start of the file
         assert struct.unpack_from("<I", data, start - 28)[0] == ENHANCED_PACKET
         assert struct.unpack_from("<II", data, start - 8) == (end - start, wire_length)
     assert len(batch.buffer) == len(data)
@@ -388,7 +393,7 @@ def test_corrupt_pcapng_is_one_line_naming_the_file_and_the_block_offset(tmp_pat
     delivered = []
     with pytest.raises(SourceError) as error:
         for batch in PcapSource(str(path)).batches(threading.Event()):
-            delivered += batch.frames()
+            delivered += frames_of(batch)
     assert str(error.value).startswith(f"{path}: corrupt pcapng block at byte {offset}: ")
     assert needle in str(error.value) and "\n" not in str(error.value)
     assert delivered == [Frame(60, bytes(60)), Frame(61, bytes(61))]  # the frames before it count
@@ -402,7 +407,7 @@ def test_frames_before_a_corrupt_pcap_record_count(tmp_path):
     delivered = []
     with pytest.raises(SourceError, match=f"^{path}: corrupt record at byte {path.stat().st_size - 76}$"):
         for batch in PcapSource(str(path)).batches(threading.Event()):
-            delivered += batch.frames()
+            delivered += frames_of(batch)
     assert len(delivered) == 3
 
 
@@ -573,6 +578,6 @@ def test_an_empty_file_ends_the_replay_at_once_with_one_warning_even_in_a_loop(t
 def test_batch_of_and_part_keep_frames_and_their_order():
     frames = [Frame(60 + index, bytes([index]) * (10 + index)) for index in range(5)]
     batch = FrameBatch.of(1, frames)
-    assert list(batch.frames()) == frames and len(batch) == 5
-    assert list(batch.part(1, 3).frames()) == frames[1:3]
+    assert frames_of(batch) == frames and len(batch) == 5
+    assert frames_of(batch.part(1, 3)) == frames[1:3]
     assert not FrameBatch.of(1, [])

@@ -4,7 +4,9 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exporter.engine import ClientGrouping
 from exporter.tally import OTHER_CLIENT, Tally
+from tests.builders import batch_counts
 
 
 class FakeClock:
@@ -19,15 +21,15 @@ def packed(address):
     return ipaddress.ip_address(address).packed
 
 
-def batch(*entries):
+def batch(*entries, ignored=None, grouping=None):
     """entries: (address, direction, protocol, bytes, packets)"""
-    return {(packed(a), d, p): [b, n] for a, d, p, b, n in entries}
+    return batch_counts({(a, d, p): (b, n) for a, d, p, b, n in entries}, ignored, grouping)
 
 
 def test_counts_series_per_client_direction_protocol():
     tally = Tally()
-    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2), ("2001:db8::1", "out", "DNS", 60, 1)), {"not_ip": 3})
-    tally.record(batch(("198.51.100.7", "in", "HTTP", 50, 1)), {"malformed": 1})
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2), ("2001:db8::1", "out", "DNS", 60, 1), ignored={"not_ip": 3}))
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 50, 1), ignored={"malformed": 1}))
     snapshot = tally.snapshot()
     assert snapshot.series == {("198.51.100.7", "in", "HTTP"): (150, 3), ("2001:db8::1", "out", "DNS"): (60, 1)}
     assert snapshot.results == {"counted": 4, "not_ip": 3, "not_server": 0, "internal": 0, "malformed": 1}
@@ -36,7 +38,7 @@ def test_counts_series_per_client_direction_protocol():
 
 def test_clients_beyond_the_cap_count_as_other():
     tally = Tally(max_clients=2)
-    tally.record(batch(*[(f"198.51.100.{i}", "in", "SSH", 10 * i, 1) for i in range(1, 5)]), {})
+    tally.record(batch(*[(f"198.51.100.{i}", "in", "SSH", 10 * i, 1) for i in range(1, 5)]))
     snapshot = tally.snapshot()
     assert snapshot.tracked_clients == 2
     assert snapshot.series[(OTHER_CLIENT, "in", "SSH")] == (30 + 40, 2)
@@ -46,27 +48,27 @@ def test_clients_beyond_the_cap_count_as_other():
 def test_evicted_clients_series_end_and_nothing_moves_to_other():
     clock = FakeClock()
     tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
-    tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5)), {})
+    tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5)))
     clock.now += 61
-    tally.record(batch(("198.51.100.2", "out", "HTTP", 70, 1)), {})  # expiry runs first only once a second
+    tally.record(batch(("198.51.100.2", "out", "HTTP", 70, 1)))  # expiry runs first only once a second
     snapshot = tally.snapshot()
     assert ("198.51.100.1", "in", "HTTP") not in snapshot.series
     assert (OTHER_CLIENT, "in", "HTTP") not in snapshot.series  # Prometheus already saw those 500 bytes
-    assert snapshot.totals == {("in", "HTTP"): (500, 5), ("out", "HTTP"): (70, 1)}
+    assert snapshot.total_series == {("in", "HTTP"): (500, 5), ("out", "HTTP"): (70, 1)}
     assert snapshot.evictions == 1
     # the freed slot admits the next new client
-    tally.record(batch(("198.51.100.3", "in", "SSH", 9, 1)), {})
+    tally.record(batch(("198.51.100.3", "in", "SSH", 9, 1)))
     assert tally.snapshot().series[("198.51.100.3", "in", "SSH")] == (9, 1)
 
 
 def test_other_counts_only_clients_never_admitted():
     clock = FakeClock()
     tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
-    tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5), ("198.51.100.2", "in", "HTTP", 30, 1)), {})
+    tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5), ("198.51.100.2", "in", "HTTP", 30, 1)))
     assert tally.snapshot().series[(OTHER_CLIENT, "in", "HTTP")] == (30, 1)
     clock.now += 61
     tally.expire()
-    tally.record(batch(("198.51.100.2", "in", "HTTP", 7, 1)), {})  # admitted now: a series of its own
+    tally.record(batch(("198.51.100.2", "in", "HTTP", 7, 1)))  # admitted now: a series of its own
     snapshot = tally.snapshot()
     assert snapshot.series[("198.51.100.2", "in", "HTTP")] == (7, 1)
     assert snapshot.series[(OTHER_CLIENT, "in", "HTTP")] == (30, 1)
@@ -75,26 +77,52 @@ def test_other_counts_only_clients_never_admitted():
 def test_expire_without_traffic_evicts():
     clock = FakeClock()
     tally = Tally(client_idle_seconds=5, clock=clock)
-    tally.record(batch(("198.51.100.1", "in", "HTTP", 5, 1)), {})
+    tally.record(batch(("198.51.100.1", "in", "HTTP", 5, 1)))
     clock.now += 6
     tally.expire()
     assert tally.snapshot().tracked_clients == 0
 
 
 def test_prefix_aggregation_labels_clients_by_network():
-    tally = Tally(client_prefix_v4=24, client_prefix_v6=48)
+    grouping = ClientGrouping(24, 48)
+    tally = Tally(grouping=grouping)
     tally.record(batch(("198.51.100.7", "in", "HTTP", 1, 1), ("198.51.100.200", "in", "HTTP", 2, 1),
-                       ("2001:db8:1:2::1", "out", "DNS", 4, 1)), {})
+                       ("2001:db8:1:2::1", "out", "DNS", 4, 1), grouping=grouping))
     assert tally.snapshot().series == {("198.51.100.0/24", "in", "HTTP"): (3, 2),
                                        ("2001:db8:1::/48", "out", "DNS"): (4, 1)}
 
 
 def test_take_bucket_returns_traffic_since_previous_call():
     tally = Tally()
-    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2)), {})
-    assert tally.take_bucket() == {("198.51.100.7", "in", "HTTP"): [100, 2]}
-    assert tally.take_bucket() == {}
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2)))
+    bucket = tally.take_bucket()
+    assert bucket.clients == ["198.51.100.7"]
+    assert int(bucket.counts[0, 0, tally.labels.index("HTTP")]) == 100
+    assert bucket.totals[:, 0, tally.labels.index("HTTP")].tolist() == [100, 2]
+    empty = tally.take_bucket()
+    assert empty.clients == [] and not empty.totals.any()
     assert tally.snapshot().series[("198.51.100.7", "in", "HTTP")] == (100, 2)
+
+
+def test_a_client_evicted_within_the_second_keeps_its_bytes_in_the_bucket():
+    clock = FakeClock()
+    tally = Tally(client_idle_seconds=5, clock=clock)
+    tally.take_bucket()
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2)))
+    clock.now += 6
+    tally.expire()
+    tally.record(batch(("198.51.100.7", "in", "HTTP", 10, 1)))  # back at once: a new series
+    bucket = tally.take_bucket()
+    assert bucket.clients == ["198.51.100.7"]
+    assert int(bucket.counts.sum()) == 110 and bucket.totals[0].sum() == 110
+
+
+def test_the_table_grows_to_the_cap_and_no_further():
+    tally = Tally(max_clients=300)
+    tally.record(batch(*[(f"10.0.{i // 250}.{i % 250}", "in", "DNS", 1, 1) for i in range(1000)]))
+    snapshot = tally.snapshot()
+    assert snapshot.tracked_clients == 300
+    assert snapshot.series[("other", "in", "DNS")] == (700, 700)
 
 
 streams = st.lists(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["in", "out"]),
@@ -128,9 +156,9 @@ def test_invariants_hold_for_random_streams(stream, max_clients, idle):
             counts[key][1] += 1
             total += size
             clock.now += advance / 10
-        tally.record(counts, {})
+        tally.record(batch_counts(counts))
         snapshot = tally.snapshot()
-        assert sum(b for b, _ in snapshot.totals.values()) == total
+        assert int(snapshot.totals[0].sum()) == total
         client_sum = sum(b for b, _ in snapshot.series.values())
         assert client_sum <= total
         if snapshot.evictions == 0:

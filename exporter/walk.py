@@ -1,0 +1,89 @@
+"""Where each record of a chain of length-prefixed records starts: pcap records, ring frames.
+
+No array code can find them, since each record's place depends on the length in the one before it,
+and a Python loop costs ~300 ns a record on a small machine. ``native/walk.c``, built by
+``scripts/install.sh`` into ``native/walk.so``, walks them at memory speed; without it (no compiler
+on the machine) the same loops run in Python, and the exporter says so once.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LIBRARY = Path(__file__).resolve().parent / "native" / "walk.so"
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    try:
+        library = ctypes.CDLL(str(LIBRARY))
+    except OSError:
+        log.info("%s is not built (scripts/install.sh builds it): walking capture records in Python, "
+                 "several times slower", LIBRARY.name)
+        return None
+    library.pcap_records.restype = ctypes.c_long
+    library.pcap_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
+                                     ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+    library.chained_records.restype = None
+    library.chained_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    return library
+
+
+_native = _load()
+
+
+def native() -> bool:
+    """Whether the records are walked by the compiled walker."""
+    return _native is not None
+
+
+def _address(buffer) -> int:
+    return np.frombuffer(buffer, np.uint8).ctypes.data
+
+
+def pcap_records(buffer, position: int, byte_order: str, limit: int, max_captured: int
+                 ) -> tuple[np.ndarray, int, bool]:
+    """Offsets of the classic pcap records from ``position`` that end inside ``buffer``, at most ``limit``.
+
+    Returns (offsets, where the walk stopped, whether it stopped at a record whose captured length
+    exceeds ``max_captured``: a corrupt file).
+    """
+    if _native is not None:
+        offsets = np.empty(limit, np.int64)
+        stopped = ctypes.c_long()
+        count = _native.pcap_records(_address(buffer), len(buffer), position, byte_order != "<", limit,
+                                     max_captured, offsets.ctypes.data, ctypes.byref(stopped))
+        corrupt = count < 0
+        return offsets[:-1 - count if corrupt else count], stopped.value, corrupt
+    captured_at = struct.Struct(byte_order + "I").unpack_from
+    offsets, size, corrupt = [], len(buffer), False
+    while len(offsets) < limit and position + 16 <= size:
+        captured = captured_at(buffer, position + 8)[0]
+        if captured > max_captured:
+            corrupt = True
+            break
+        if position + 16 + captured > size:
+            break
+        offsets.append(position)
+        position += 16 + captured
+    return np.array(offsets, np.int64), position, corrupt
+
+
+def chained_records(buffer, first: int, count: int) -> np.ndarray:
+    """Offsets of ``count`` records from ``first``, each starting with the native 32-bit distance to the next."""
+    if _native is not None:
+        offsets = np.empty(count, np.int64)
+        _native.chained_records(_address(buffer), first, count, offsets.ctypes.data)
+        return offsets
+    distance = struct.Struct("=I").unpack_from
+    offsets, position = [], first
+    for _ in range(count):
+        offsets.append(position)
+        position += distance(buffer, position)[0]
+    return np.array(offsets, np.int64)

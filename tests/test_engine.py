@@ -1,0 +1,187 @@
+"""The array engine counts exactly what decode_frame + classify count, frame by frame, on any batch."""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import pathlib
+import random
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.classify import DEFAULT_PORT_LABELS, IN, OUT, ServerSet, classify, protocol_labels
+from exporter.decode import LINKTYPE_ETHERNET, decode_frame
+from exporter.engine import ClientGrouping, FrameCounter
+from exporter.sources import FrameBatch, PcapSource
+from tests.builders import spans_of
+from tests.test_decode import random_frame
+
+LABELS = protocol_labels(DEFAULT_PORT_LABELS)
+CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
+
+
+@functools.lru_cache(maxsize=None)
+def frame_pool() -> tuple[tuple[int, bytes], ...]:
+    """Random frames of every link type and shape, built with Scapy once."""
+    rng = random.Random(7)
+    return tuple(random_frame(rng) for _ in range(600))
+
+
+def reference(link_type, buffer, spans, servers, prefixes=(32, 128)):
+    """What the per-frame reference path counts: (client text, direction, label) -> [bytes, packets]."""
+    sums, ignored = {}, {}
+    for start, end, wire in spans:
+        decoded = decode_frame(link_type, buffer, start, end)
+        result = decoded if isinstance(decoded, str) else classify(decoded, servers, DEFAULT_PORT_LABELS)
+        if isinstance(result, str):
+            ignored[result] = ignored.get(result, 0) + 1
+            continue
+        packed, direction, label = result
+        prefix = prefixes[0] if len(packed) == 4 else prefixes[1]
+        network = ipaddress.ip_network((packed, prefix), strict=False)
+        key = (str(network.network_address) if prefix == len(packed) * 8 else str(network), direction, label)
+        total = sums.setdefault(key, [0, 0])
+        total[0] += wire
+        total[1] += 1
+    return sums, ignored
+
+
+def engine_sums(counts, prefixes=(32, 128)):
+    sums = {}
+    grouping = ClientGrouping(*prefixes)
+    for family, hi, lo, cells in zip(counts.family.tolist(), counts.hi.tolist(), counts.lo.tolist(), counts.counts):
+        client = grouping.name((family, hi, lo))
+        for d, direction in enumerate((IN, OUT)):
+            for index, label in enumerate(LABELS):
+                nbytes, packets = int(cells[0, d, index]), int(cells[1, d, index])
+                if packets:
+                    total = sums.setdefault((client, direction, label), [0, 0])
+                    total[0] += nbytes
+                    total[1] += packets
+    return sums
+
+
+def count(link_type, buffer, spans, servers, prefixes=(32, 128)):
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, ClientGrouping(*prefixes))
+    return counter.count(FrameBatch.from_spans(link_type, buffer, spans))
+
+
+def servers_for(frames, rng):
+    """A server set drawn from the frames' own addresses (some as networks), so every result occurs."""
+    addresses = []
+    for link_type, data in frames:
+        decoded = decode_frame(link_type, data)
+        if not isinstance(decoded, str):
+            addresses.append(decoded[rng.randrange(2)])
+    specs = []
+    for packed in rng.sample(addresses, min(len(addresses), rng.randrange(1, 6))):
+        bits = len(packed) * 8
+        prefix = rng.choice([bits, bits, bits - 8, bits // 2])
+        specs.append(str(ipaddress.ip_network((packed, prefix), strict=False)))
+    return ServerSet(specs)
+
+
+def batch_from(pieces):
+    """One buffer holding the frames at odd offsets with junk between; the last frame at the very end."""
+    buffer, spans = bytearray(b"\xaa" * 3), []
+    for data, wire, gap in pieces:
+        start = len(buffer)
+        buffer += data
+        spans.append((start, len(buffer), wire))
+        buffer += b"\x55" * gap
+    if pieces and pieces[-1][2]:
+        del buffer[spans[-1][1]:]  # the last frame ends exactly where the buffer ends
+    return bytes(buffer), spans
+
+
+mutation = st.tuples(st.integers(0, 120), st.integers(0, 255))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), picks=st.lists(st.tuples(
+    st.integers(0, 599), st.lists(mutation, max_size=3), st.integers(0, 200), st.integers(0, 9),
+    st.sampled_from([None, 0, 1, 65535, 65536, 2**32 - 1])), min_size=1, max_size=40),
+    prefixes=st.sampled_from([(32, 128), (24, 48), (0, 0), (31, 127)]))
+def test_engine_equals_the_reference_on_mixed_batches(seed, picks, prefixes):
+    pool = frame_pool()
+    rng = random.Random(seed)
+    link_type = pool[picks[0][0]][0]
+    pieces, frames = [], []
+    for index, mutations, cut, gap, wire in picks:
+        frame_link, data = pool[index]
+        if frame_link != link_type:
+            continue
+        data = bytearray(data)
+        for position, value in mutations:
+            if position < len(data):
+                data[position] = value
+        data = bytes(data[:max(0, len(data) - cut)] if cut < 150 else data)
+        frames.append((link_type, data))
+        pieces.append((data, len(data) if wire is None else wire, gap))
+    buffer, spans = batch_from(pieces)
+    servers = servers_for(frames, rng)
+    counts = count(link_type, buffer, spans, servers, prefixes)
+    expected, ignored = reference(link_type, buffer, spans, servers, prefixes)
+    assert engine_sums(counts, prefixes) == expected
+    assert counts.ignored == ignored
+
+
+def test_common_frames_take_the_fast_path():
+    pool = [(link, data) for link, data in frame_pool() if link == LINKTYPE_ETHERNET]
+    buffer, spans = batch_from([(data, len(data), 0) for _, data in pool])
+    counts = count(LINKTYPE_ETHERNET, buffer, spans, servers_for(pool, random.Random(1)))
+    decoded = [decode_frame(1, data) for _, data in pool]
+    assert counts.slow_frames <= sum(1 for _ in decoded) // 5  # only odd shapes (3 tags, long chains)
+
+
+def test_a_digest_collision_between_two_clients_is_counted_exactly():
+    from exporter.engine import _MIX
+    # An IPv6 client whose digest equals an IPv4 client's: hi * M0 == 2 and the same low half.
+    hi = 2 * pow(int(_MIX[0]), -1, 2**64) % 2**64
+    v6 = ipaddress.IPv6Address(hi << 64 | int(ipaddress.IPv4Address("198.51.100.7")))
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    frames = [bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.7", dst="192.0.2.1") / UDP(sport=5, dport=53)),
+              bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src=str(v6), dst="2001:db8::1") / UDP(sport=5, dport=53))]
+    buffer, spans = batch_from([(data, len(data), 0) for data in frames])
+    servers = ServerSet(["192.0.2.1", "2001:db8::1"])
+    counts = count(LINKTYPE_ETHERNET, buffer, spans, servers)
+    assert engine_sums(counts) == reference(LINKTYPE_ETHERNET, buffer, spans, servers)[0]
+    assert len(counts.family) == 2
+
+
+@pytest.mark.parametrize("path", sorted(CORPUS.glob("*.pcap*")), ids=lambda p: p.name)
+def test_engine_equals_the_reference_on_the_corpus(path):
+    try:
+        source = PcapSource(str(path))
+        batches = list(source.batches(threading.Event()))
+    except Exception:
+        pytest.skip("not readable as a whole")
+    for batch in batches:
+        spans = spans_of(batch)
+        frames = [(batch.link_type, bytes(batch.buffer[s:e])) for s, e, _ in spans]
+        servers = servers_for(frames, random.Random(3)) if frames else ServerSet([])
+        counts = count(batch.link_type, batch.buffer, spans, servers)
+        expected, ignored = reference(batch.link_type, batch.buffer, spans, servers)
+        assert engine_sums(counts) == expected
+        assert counts.ignored == ignored
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), batches=st.lists(st.lists(st.integers(0, 599), min_size=1, max_size=30),
+                                                    min_size=1, max_size=8),
+       capacity=st.sampled_from([1, 4, 16, 1 << 16]))
+def test_one_counter_over_many_batches_stays_exact_as_its_client_ids_fill_and_start_afresh(seed, batches, capacity):
+    pool = [frame for frame in frame_pool() if frame[0] == LINKTYPE_ETHERNET]
+    rng = random.Random(seed)
+    servers = servers_for(pool, rng)
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, client_index_capacity=capacity)
+    for picks in batches:
+        frames = [pool[index % len(pool)][1] for index in picks]
+        buffer, spans = batch_from([(data, len(data), 0) for data in frames])
+        counts = counter.count(FrameBatch.from_spans(LINKTYPE_ETHERNET, buffer, spans))
+        assert engine_sums(counts) == reference(LINKTYPE_ETHERNET, buffer, spans, servers)[0]
