@@ -137,7 +137,7 @@ def slow_path(pcaps: dict[str, Path]) -> list[str]:
 
 def api_latency(pcap: Path, repeat: int) -> list[str]:
     """/metrics scrape and /traffic latency once a replay has filled the client table (500 clients)."""
-    from tests.exporter_process import get, running_exporter
+    from testkit.process import get, running_exporter
 
     rows = ["| request | median | p95 |", "|---|---|---|"]
     with running_exporter(["--pcap", str(pcap), *SERVERS, "--log-level", "warning"]) as (base, _process):
@@ -197,7 +197,7 @@ def replay_cpu(pair, exporter, pcap: Path, rate: str, options: Sequence[str] = (
     The CPU time runs until the exporter is idle again (what the ring held is counted too), so a
     share (CPU seconds / seconds) above 100% says how far one core fell behind the replay.
     """
-    from exporter.live import RING_RETIRE_MS
+    from exporter.ring import RING_RETIRE_MS
 
     pid = exporter.process.pid
     cpu_before = cpu_seconds(pid)
@@ -220,7 +220,7 @@ def frames_seen(before: dict, after: dict) -> float:
 
 def live_exporter(pair, *flags: str):
     """The exporter capturing on the server end of ``pair``, ready."""
-    from tests.integration.live_traffic import NamespacedExporter
+    from testkit.live_traffic import NamespacedExporter
 
     exporter = NamespacedExporter(pair, ["--interface", pair.server_link, *SERVERS, *flags])
     try:
@@ -233,7 +233,7 @@ def live_exporter(pair, *flags: str):
 
 def replays_at_rates(pcap: Path, rates: Sequence[str], repeat: int) -> dict[str, list[tuple[int, float, float]]]:
     """``repeat`` replay_cpu runs per rate, one exporter for all, each replay once the previous is counted."""
-    from tests.integration.netns import namespace_pair
+    from testkit.netns import namespace_pair
 
     runs: dict[str, list[tuple[int, float, float]]] = {rate: [] for rate in rates}
     with namespace_pair() as pair:
@@ -274,7 +274,7 @@ def cpu_per_frame(pcap: Path, frames: int, rates: Sequence[str], repeat: int) ->
 
 def sustained(pcap: Path, frames: int, seconds: int) -> list[str]:
     """``tcpreplay --topspeed --preload-pcap --loop`` for ``seconds``, into the exporter with its default ring."""
-    from tests.integration.netns import namespace_pair
+    from testkit.netns import namespace_pair
 
     loops = math.ceil(seconds * SUSTAINED_RATE_CEILING / frames)
     options = ["--preload-pcap", f"--loop={loops}", f"--duration={seconds}"]
@@ -300,7 +300,7 @@ def sustained(pcap: Path, frames: int, seconds: int) -> list[str]:
 
 def idle_memory(settle: float) -> list[str]:
     """The exporter's resident memory, live on the veth with default flags, ``settle`` seconds after it is up."""
-    from tests.integration.netns import namespace_pair
+    from testkit.netns import namespace_pair
 
     with namespace_pair() as pair:
         exporter = live_exporter(pair)
@@ -318,8 +318,8 @@ def idle_memory(settle: float) -> list[str]:
 
 def live(pcap: Path, rates: list[str], exporter_args: Sequence[str] = ()) -> list[str]:
     """Exporter and tcpdump on the server end of a veth pair while tcpreplay sends the pcap."""
-    from tests.integration.live_traffic import Tcpdump
-    from tests.integration.netns import namespace_pair
+    from testkit.live_traffic import Tcpdump
+    from testkit.netns import namespace_pair
 
     rows = ["| rate (frames/s) | sent | exporter counted / sent | exporter kernel drops | exporter CPU (time / replay time) "
             "| tcpdump captured / sent | tcpdump kernel drops |", "|---|---|---|---|---|---|---|"]

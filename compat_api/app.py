@@ -1,4 +1,4 @@
-"""The legacy REST API (DESIGN.md §6): ``/``, ``/traffic``, ``/protocols``, ``/traffic_history``.
+"""The legacy REST API: ``/``, ``/traffic``, ``/protocols``, ``/traffic_history`` (docs/architecture.md).
 
 Every view is computed from one consistent copy of the history's one-second buckets.
 """
@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from flask import Flask, Response, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from exporter.config import Config
+from exporter.capture import CaptureStatus
 
 from .history import ClientsView, History, SecondsView
 
@@ -45,23 +45,24 @@ LANDING_PAGE = """<!doctype html>
 """
 
 
-def create_app(state: History, config: Config) -> Flask:
-    """Build the Flask app serving the REST API from ``state`` (a History) under ``config``."""
+def create_app(history: History, capture_status: Callable[[], CaptureStatus], servers: Sequence[str],
+               cors_origins: Sequence[str] = ("*",)) -> Flask:
+    """Build the Flask app serving the REST API from ``history``, the capture's health and the server addresses."""
     app = Flask(__name__)
     app.json.sort_keys = False  # keep the documented key order
-    CORS(app, origins=list(config.cors_origins), methods=["GET", "HEAD", "OPTIONS"])
-    labels = state.labels
-    history_max = config.history_seconds
+    CORS(app, origins=list(cors_origins), methods=["GET", "HEAD", "OPTIONS"])
+    labels = history.labels
+    history_max = history.seconds
     spec = load_openapi(history_max)
 
     @app.get("/")
     def index() -> Response:
         accept = request.accept_mimetypes
         if accept.best_match(["application/json", "text/html"]) == "text/html":
-            servers = html.escape(", ".join(config.server_ips) or "the server")
-            response = Response(LANDING_PAGE.format(servers=servers), mimetype="text/html")
+            response = Response(LANDING_PAGE.format(servers=html.escape(", ".join(servers) or "the server")),
+                                mimetype="text/html")
         else:
-            response = jsonify(index_body(state, config))
+            response = jsonify(index_body(capture_status(), servers))
         response.vary.add("Accept")
         return response
 
@@ -69,17 +70,17 @@ def create_app(state: History, config: Config) -> Flask:
     def traffic() -> Response:
         limit = int_param("limit", LIMIT_DEFAULT, LIMIT_MAX)
         seconds = int_param("seconds", min(TRAFFIC_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(traffic_body(state.clients_window(seconds), labels, limit))
+        return jsonify(traffic_body(history.clients_window(seconds), labels, limit))
 
     @app.get("/protocols")
     def protocols() -> Response:
         seconds = int_param("seconds", min(PROTOCOLS_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(protocols_body(state.seconds_window(seconds), labels))
+        return jsonify(protocols_body(history.seconds_window(seconds), labels))
 
     @app.get("/traffic_history")
     def traffic_history() -> Response:
         seconds = int_param("seconds", min(HISTORY_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(history_body(state.seconds_window(seconds), labels, seconds))
+        return jsonify(history_body(history.seconds_window(seconds), labels, seconds))
 
     @app.get("/openapi.json")
     def openapi() -> Response:
@@ -152,17 +153,15 @@ def load_openapi(history_seconds: int) -> dict:
     return spec
 
 
-def index_body(state: History, config: Config) -> dict[str, Any]:
+def index_body(status: CaptureStatus, servers: Sequence[str]) -> dict[str, Any]:
     """``GET /``: liveness, server addresses and capture health."""
-    snapshot = state.tally.snapshot()
-    status = snapshot.status
     return {
         "message": "Backend (real capture) OK",
         "time": time.time(),
-        "server_ip": config.server_ips[0] if config.server_ips else None,
-        "server_ips": list(config.server_ips),
+        "server_ip": servers[0] if servers else None,
+        "server_ips": list(servers),
         "capture": {"running": status.running, "source": status.description, "error": status.error,
-                    "packets": snapshot.frames, "dropped": status.kernel_dropped},
+                    "packets": status.frames, "dropped": status.kernel_dropped},
     }
 
 

@@ -1,15 +1,16 @@
-"""Prometheus collector: reads the tally at scrape time and turns one snapshot into metric families."""
+"""Prometheus collector: reads the tally and the capture's health at scrape time and turns them into metric families."""
 from __future__ import annotations
 
 import platform
 from importlib import metadata
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .capture import CaptureStatus
 from .engine import DIRECTIONS
 from .tally import RESULTS, Tally
 
@@ -17,11 +18,13 @@ from .tally import RESULTS, Tally
 class TrafficCollector(Collector):
     """Every ``traffic_*`` metric of the exporter, built from one consistent snapshot per scrape."""
 
-    def __init__(self, tally: Tally):
+    def __init__(self, tally: Tally, capture_status: Callable[[], CaptureStatus]):
         self.tally = tally
+        self.capture_status = capture_status
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self.tally.snapshot()
+        status = self.capture_status()
         labels = ["client", "direction", "protocol"]
         client_bytes = CounterMetricFamily(
             "traffic_client_bytes", "Bytes on the wire (frame length) exchanged with a client.", labels=labels)
@@ -52,7 +55,6 @@ class TrafficCollector(Collector):
             frames.add_metric([result], snapshot.results.get(result, 0))
         yield frames
 
-        status = snapshot.status
         yield CounterMetricFamily("traffic_exporter_kernel_dropped_packets",
                                   "Frames the kernel dropped before the exporter could read them.",
                                   value=status.kernel_dropped)
@@ -69,7 +71,7 @@ class TrafficCollector(Collector):
                                   "Clients whose series ended after being idle (their past bytes stay in traffic_bytes_total).", value=snapshot.evictions)
         info = GaugeMetricFamily("traffic_exporter_capture_info", "What the exporter captures (always 1).",
                                  labels=["source", "interface", "filter"])
-        info.add_metric([status.source, status.interface, status.filter], 1)
+        info.add_metric([status.kind, status.name, status.filter], 1)
         yield info
         yield _build_info()
 
@@ -81,10 +83,10 @@ def _build_info() -> GaugeMetricFamily:
     return build
 
 
-def build_registry(tally: Tally) -> CollectorRegistry:
+def build_registry(tally: Tally, capture_status: Callable[[], CaptureStatus]) -> CollectorRegistry:
     """A registry with the traffic collector and prometheus-client's process, platform and GC collectors."""
     registry = CollectorRegistry()
-    registry.register(TrafficCollector(tally))
+    registry.register(TrafficCollector(tally, capture_status))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
-from .classify import DEFAULT_PORT_LABELS
+from .demo import DEMO_PCAP, DEMO_SERVER_IPS
+from .ring import RING_BYTES
+from .tally import DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CLIENTS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REPLAY_SPEEDS = ("realtime", "max")
@@ -23,7 +25,7 @@ class Config:
     interface: Optional[str] = None
     server_ips: tuple[str, ...] = ()
     filter: str = ""
-    capture_buffer_mib: int = 16
+    capture_buffer_mib: int = RING_BYTES >> 20
     fanout_group: Optional[int] = None
     pcap: Optional[str] = None
     replay_speed: str = "max"
@@ -32,8 +34,8 @@ class Config:
     listen_host: str = "0.0.0.0"
     listen_port: int = 8000
     history_seconds: int = 300
-    max_clients: int = 500
-    client_idle_seconds: int = 900
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    client_idle_seconds: int = DEFAULT_CLIENT_IDLE_SECONDS
     client_prefix_v4: int = 32
     client_prefix_v6: int = 128
     cors_origins: tuple[str, ...] = ("*",)
@@ -44,7 +46,6 @@ class Config:
     web_max_connections: int = 512
     web_request_timeout: int = 10
     web_idle_timeout: int = 60
-    port_labels: dict = field(default_factory=lambda: dict(DEFAULT_PORT_LABELS))
     # summarize only
     output_format: str = "table"
 
@@ -158,10 +159,13 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("user", ("--user",), _user,
      "after opening the capture socket, switch to this user, keeping only CAP_NET_RAW (like tcpdump -Z)"),
 ]
+SUMMARIZE_MAX_CLIENTS = 1_000_000  # offline analysis lists every client unless told otherwise
 SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
                      if option[0] in ("server_ip", "max_clients", "client_prefix_v4", "client_prefix_v6", "log_level")]
 SUMMARIZE_OPTIONS.append(("output_format", ("--format",), _choice(OUTPUT_FORMATS), "table for people, json for programs"))
 FLAGS_WITHOUT_VALUE = {"loop", "demo"}
+# Flags that choose what to capture; --demo decides that itself.
+DEMO_CONFLICTS = {"pcap": "--pcap", "interface": "--interface", "server_ips": "--server-ip", "user": "--user"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +183,30 @@ def build_parser(options, prog: str, description: str) -> argparse.ArgumentParse
         else:
             parser.add_argument(*flags, dest=dest, help=help_text)
     return parser
+
+
+def serve_config(argv: Sequence[str], environ: Optional[dict] = None, prog: str = "traffic-exporter") -> Config:
+    """The configuration of ``serve``, checked as a whole: flags that do not go together are refused."""
+    config = parse_config(argv, environ=environ, prog=prog)
+    if config.demo:
+        given = [flag for name, flag in DEMO_CONFLICTS.items() if getattr(config, name)]
+        if given:
+            raise ConfigError(f"--demo: replays its own capture; leave out {', '.join(given)}")
+        config = replace(config, pcap=str(DEMO_PCAP), replay_speed="realtime", loop=True, server_ips=DEMO_SERVER_IPS)
+    if config.user and config.pcap:
+        raise ConfigError("--user: only applies to live capture (a pcap replay needs no privileges)")
+    if config.fanout_group is not None and config.pcap:
+        raise ConfigError("--fanout-group: only applies to live capture")
+    if config.user and os.geteuid() != 0:
+        raise ConfigError("--user: switching users needs root; start as root or leave --user out")
+    return config
+
+
+def summarize_config(argv: Sequence[str], environ: Optional[dict] = None,
+                     prog: str = "traffic-exporter summarize") -> Config:
+    """The configuration of ``summarize FILE``."""
+    return parse_config(argv, SUMMARIZE_OPTIONS, environ, positional="file", prog=prog,
+                        defaults={"max_clients": SUMMARIZE_MAX_CLIENTS})
 
 
 def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[dict] = None,

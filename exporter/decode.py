@@ -24,6 +24,11 @@ LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
 
+ETHERNET_HEADER_LENGTH = 14
+VLAN_TAG_LENGTH = 4
+SLL_HEADER_LENGTH = 16  # LINKTYPE_LINUX_SLL
+SLL2_HEADER_LENGTH = 20  # LINKTYPE_LINUX_SLL2
+
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
 ETHERTYPE_8021Q = 0x8100
@@ -70,10 +75,10 @@ def supported_link_types() -> frozenset[int]:
 
 def _by_ethertype(ethertype: int, data: bytes, offset: int, end: int) -> DecodeResult:
     while ethertype in VLAN_TPIDS:
-        if end < offset + 4:
+        if end < offset + VLAN_TAG_LENGTH:
             return MALFORMED
         ethertype = data[offset + 2] << 8 | data[offset + 3]
-        offset += 4
+        offset += VLAN_TAG_LENGTH
     if ethertype == ETHERTYPE_IPV4:
         return _ipv4(data, offset, end)
     if ethertype == ETHERTYPE_IPV6:
@@ -82,21 +87,21 @@ def _by_ethertype(ethertype: int, data: bytes, offset: int, end: int) -> DecodeR
 
 
 def _ethernet(data: bytes, start: int, end: int) -> DecodeResult:
-    if end < start + 14:
+    if end < start + ETHERNET_HEADER_LENGTH:
         return MALFORMED
-    return _by_ethertype(data[start + 12] << 8 | data[start + 13], data, start + 14, end)
+    return _by_ethertype(data[start + 12] << 8 | data[start + 13], data, start + ETHERNET_HEADER_LENGTH, end)
 
 
 def _linux_sll(data: bytes, start: int, end: int) -> DecodeResult:
-    if end < start + 16:
+    if end < start + SLL_HEADER_LENGTH:
         return MALFORMED
-    return _by_ethertype(data[start + 14] << 8 | data[start + 15], data, start + 16, end)
+    return _by_ethertype(data[start + 14] << 8 | data[start + 15], data, start + SLL_HEADER_LENGTH, end)
 
 
 def _linux_sll2(data: bytes, start: int, end: int) -> DecodeResult:
-    if end < start + 20:
+    if end < start + SLL2_HEADER_LENGTH:
         return MALFORMED
-    return _by_ethertype(data[start] << 8 | data[start + 1], data, start + 20, end)
+    return _by_ethertype(data[start] << 8 | data[start + 1], data, start + SLL2_HEADER_LENGTH, end)
 
 
 def _null(data: bytes, start: int, end: int) -> DecodeResult:

@@ -21,7 +21,7 @@ from .decode import (ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_AH, IPPROTO_FRAGMEN
                      IPV6_EXTENSION_HEADERS, LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL,
                      LINKTYPE_LINUX_SLL2, LINKTYPE_RAW, LINKTYPE_RAW_12, LINKTYPE_RAW_14, MALFORMED, NOT_IP,
                      VLAN_TPIDS, decode_frame)
-from .sources import FrameBatch
+from .frames import FrameBatch
 
 DIRECTIONS = (IN, OUT)
 # What happened to each frame, as a small code per frame.

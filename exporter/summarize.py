@@ -11,7 +11,7 @@ from typing import Optional
 from .classify import ServerSet
 from .decode import decode_frame
 from .engine import FrameCounter
-from .sources import PcapSource
+from .replay import PcapSource
 from .tally import RESULTS, Tally
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -24,25 +24,10 @@ from .engine import DIRECTIONS, BatchCounts, ClientGrouping, ClientKey
 OTHER_CLIENT = "other"
 RESULTS = ("counted", "not_ip", "not_server", "internal", "malformed")
 OTHER_SLOT = 0
+DEFAULT_MAX_CLIENTS = 500
+DEFAULT_CLIENT_IDLE_SECONDS = 900
 INITIAL_SLOTS = 64  # the table grows by doubling up to max_clients + 1 rows
 MAX_COUNT = 2 ** 63 - 1  # what a saved counter may hold
-
-
-@dataclass
-class CaptureStatus:
-    """Health of the capture, as shown in ``/`` and the ``traffic_exporter_capture_*`` metrics."""
-
-    source: str = ""  # "live" or "pcap"
-    interface: str = ""  # interface name, or the pcap file
-    filter: str = ""
-    running: bool = False
-    error: Optional[str] = None
-    kernel_dropped: int = 0
-    restarts: int = 0
-
-    @property
-    def description(self) -> str:
-        return f"{self.source}:{self.interface}" if self.source else ""
 
 
 @dataclass(frozen=True)
@@ -57,11 +42,6 @@ class TallySnapshot:
     tracked_clients: int
     max_clients: int
     evictions: int
-    status: CaptureStatus = field(default_factory=CaptureStatus)
-
-    @property
-    def frames(self) -> int:
-        return sum(self.results.values())
 
     @property
     def series(self) -> dict[tuple[str, str, str], tuple[int, int]]:
@@ -91,7 +71,7 @@ class Bucket(NamedTuple):
 class Tally:
     """Cumulative per-client counters in a bounded client table, exact totals, and the bucket since the last take."""
 
-    def __init__(self, *, max_clients: int = 500, client_idle_seconds: float = 900,
+    def __init__(self, *, max_clients: int = DEFAULT_MAX_CLIENTS, client_idle_seconds: float = DEFAULT_CLIENT_IDLE_SECONDS,
                  grouping: Optional[ClientGrouping] = None,
                  labels: Sequence[str] = protocol_labels(DEFAULT_PORT_LABELS),
                  clock: Callable[[], float] = time.monotonic):
@@ -100,7 +80,6 @@ class Tally:
         self.grouping = grouping or ClientGrouping()
         self.labels = tuple(labels)
         self.clock = clock
-        self.status = CaptureStatus()
         self._lock = threading.Lock()
         self._cell_shape = (2, len(DIRECTIONS), len(self.labels))
         slots = min(INITIAL_SLOTS, max_clients + 1)
@@ -209,13 +188,13 @@ class Tally:
         return Bucket(totals, names, counts)
 
     def snapshot(self) -> TallySnapshot:
-        """Copy the cumulative counters and capture status consistently."""
+        """Copy the cumulative counters consistently."""
         with self._lock:
             rows = [OTHER_SLOT] + sorted(self._slot_of.values())
             return TallySnapshot(labels=self.labels, clients=[self._names[row] for row in rows],
                                  counts=self._counts[rows], totals=self._totals.copy(), results=dict(self._results),
                                  tracked_clients=len(self._slot_of), max_clients=self.max_clients,
-                                 evictions=self._evictions, status=replace(self.status))
+                                 evictions=self._evictions)
 
     def export_state(self) -> dict:
         """The cumulative counters as JSON-ready data, for ``--state-file``."""

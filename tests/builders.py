@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 from typing import Mapping, Optional
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, IPOption_Timestamp
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.ipsec import AH
+from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
+from scapy.packet import Raw
 
 from exporter.classify import DEFAULT_PORT_LABELS, protocol_labels
 from exporter.engine import BatchCounts, ClientGrouping, counts_from_mapping
@@ -28,7 +35,7 @@ def batch_counts(entries: Mapping[tuple, tuple[int, int]], ignored: Optional[dic
 
 def frames_of(batch) -> list:
     """The frames of a batch, copied out of its buffer."""
-    from exporter.sources import Frame
+    from exporter.frames import Frame
     return [Frame(wire, bytes(batch.buffer[start:end]))
             for start, end, wire in zip(batch.starts.tolist(), batch.ends.tolist(), batch.wire_lengths.tolist())]
 
@@ -42,7 +49,7 @@ def count_frames(frames, servers, link_type: int = 1, grouping: Optional[ClientG
     """What the counting engine sums of ``frames`` (``Frame``s of ``link_type``) for ``servers``."""
     from exporter.classify import DEFAULT_PORT_LABELS
     from exporter.engine import FrameCounter
-    from exporter.sources import FrameBatch
+    from exporter.frames import FrameBatch
     counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, grouping)
     return counter.count(FrameBatch.of(link_type, frames))
 
@@ -63,3 +70,75 @@ def sums_of(counts: BatchCounts, grouping: Optional[ClientGrouping] = None) -> d
 def timestamps_of(batch) -> list:
     """The batch's timestamps, None where a frame was recorded without one."""
     return [None if stamp != stamp else stamp for stamp in batch.timestamps.tolist()]  # NaN != NaN
+
+
+# Random frames of every link type and shape the decoders know, built with Scapy.
+def random_address(rng: random.Random, version: int) -> str:
+    bits = 32 if version == 4 else 128
+    return str(ipaddress.ip_address(rng.getrandbits(bits)) if version == 4 else ipaddress.IPv6Address(rng.getrandbits(bits)))
+
+def random_transport(rng: random.Random, version: int):
+    kind = rng.choice(["tcp", "udp", "icmp", "other"])
+    sport, dport = rng.randrange(65536), rng.choice([20, 21, 22, 53, 80, 443, 8080, rng.randrange(65536)])
+    payload = Raw(bytes(rng.randrange(256) for _ in range(rng.randrange(40))))
+    if kind == "tcp":
+        return TCP(sport=sport, dport=dport) / payload
+    if kind == "udp":
+        return UDP(sport=sport, dport=dport) / payload
+    if kind == "icmp":
+        return (ICMP() if version == 4 else ICMPv6EchoRequest()) / payload
+    return payload
+
+def random_network(rng: random.Random):
+    version = rng.choice([4, 6])
+    src, dst = random_address(rng, version), random_address(rng, version)
+    transport = random_transport(rng, version)
+    if version == 4:
+        options = rng.choice([[], [IPOption_NOP()] * 4, [IPOption_RR()], [IPOption_Timestamp(flg=0)]])
+        frag = rng.choice([0, 0, 0, rng.randrange(1, 8192)])
+        ip = IP(src=src, dst=dst, options=options, frag=frag, flags=rng.choice([0, 1, 2]))
+        if not transport.haslayer(TCP) and not transport.haslayer(UDP) and not transport.haslayer(ICMP):
+            ip.proto = rng.choice([47, 50, 132])
+        return ip / transport
+    ip = IPv6(src=src, dst=dst)
+    chain = rng.sample([IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, IPv6ExtHdrFragment, AH],
+                       rng.randrange(4))
+    packet = ip
+    for layer in chain:
+        if layer is IPv6ExtHdrFragment:
+            header = IPv6ExtHdrFragment(offset=rng.choice([0, 0, rng.randrange(1, 8192)]), m=rng.randrange(2))
+        elif layer is AH:
+            icv = rng.choice([4, 12])
+            header = AH(spi=rng.randrange(1, 2**32), icv=bytes(icv), payloadlen=(12 + icv) // 4 - 2)
+        else:
+            header = layer()
+        packet = packet / header
+    if not transport.haslayer(TCP) and not transport.haslayer(UDP) and not transport.haslayer(ICMPv6EchoRequest):
+        packet.lastlayer().nh = rng.choice([47, 50, 59, 132])
+    return packet / transport
+
+def random_frame(rng: random.Random) -> tuple[int, bytes]:
+    network = random_network(rng)
+    ethertype = 0x0800 if network.haslayer(IP) and not network.haslayer(IPv6) else 0x86DD
+    version = 4 if ethertype == 0x0800 else 6
+    link = rng.choice(["ether", "vlan", "qinq", "sll", "sll2", "null", "raw", "raw_family"])
+    if link == "ether":
+        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / network)
+    if link == "vlan":
+        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=rng.randrange(4096)) / network)
+    if link == "qinq":
+        tags = Dot1AD(vlan=rng.randrange(4096)) / Dot1Q(vlan=rng.randrange(4096))
+        if rng.random() < 0.5:
+            tags = tags / Dot1Q(vlan=rng.randrange(4096))
+        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / tags / network)
+    if link == "sll":
+        return 113, bytes(CookedLinux(pkttype=rng.randrange(5), proto=ethertype) / network)
+    if link == "sll2":
+        return 276, bytes(CookedLinuxV2(pkttype=rng.randrange(5), proto=ethertype) / network)
+    if link == "null":
+        family = 2 if version == 4 else rng.choice([24, 28, 30])
+        order = rng.choice(["little", "big"])
+        return 0, family.to_bytes(4, order) + bytes(network)
+    if link == "raw":
+        return rng.choice([12, 14, 101]), bytes(network)
+    return (228 if version == 4 else 229), bytes(network)

@@ -17,8 +17,9 @@ from scapy.layers.l2 import Ether
 from compat_api.app import create_app
 from compat_api.history import History
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
-from exporter.config import Config
-from exporter.sources import Frame, FrameBatch, PcapSource
+from exporter.capture import CaptureStatus
+from exporter.frames import Frame
+from exporter.replay import PcapSource
 from exporter.engine import FrameCounter
 from exporter.tally import Tally
 from tests.builders import count_frames
@@ -76,9 +77,9 @@ def build_history(tally: Tally, seconds: int = 300) -> History:
     return history
 
 
-def make_client(history: History, **config):
-    config.setdefault("server_ips", (SERVER,))
-    return create_app(history, Config(**config)).test_client()
+def make_client(history: History, status: CaptureStatus = CaptureStatus("pcap", "x.pcap"),
+                servers: tuple[str, ...] = (SERVER,), cors_origins: tuple[str, ...] = ("*",)):
+    return create_app(history, lambda: status, servers, cors_origins).test_client()
 
 
 @pytest.fixture
@@ -98,10 +99,8 @@ def is_count(value) -> bool:
 # --- GET / ---------------------------------------------------------------------------------------
 
 def test_index_reports_servers_and_capture_health():
-    tally = Tally()
-    status = tally.status
-    status.source, status.interface, status.running, status.kernel_dropped = "pcap", "x.pcap", True, 3
-    response = make_client(build_history(tally), server_ips=(SERVER, "2001:db8::1")).get("/")
+    status = CaptureStatus("pcap", "x.pcap", running=True, frames=5, kernel_dropped=3)
+    response = make_client(build_history(Tally()), status, servers=(SERVER, "2001:db8::1")).get("/")
     assert response.status_code == 200
     assert response.mimetype == "application/json"
     body = response.get_json()
@@ -114,9 +113,8 @@ def test_index_reports_servers_and_capture_health():
 
 
 def test_index_reports_capture_error():
-    tally = Tally()
-    tally.status.source, tally.status.interface, tally.status.error = "live", "eth0", "permission denied"
-    body = make_client(History(tally, 10)).get("/").get_json()
+    status = CaptureStatus("live", "eth0", error="permission denied")
+    body = make_client(History(Tally(), 10), status).get("/").get_json()
     assert body["capture"]["error"] == "permission denied"
     assert body["capture"]["running"] is False
     assert body["capture"]["source"] == "live:eth0"
@@ -296,7 +294,7 @@ def test_parameter_bounds_are_accepted(client):
 
 
 def test_seconds_range_follows_history_length():
-    client = make_client(build_history(Tally(), seconds=20), history_seconds=20)
+    client = make_client(build_history(Tally(), seconds=20))
     for path in SECONDS_ENDPOINTS:
         assert client.get(path).status_code == 200  # defaults above 20 are capped
         response = client.get(f"{path}?seconds=21")
@@ -393,7 +391,7 @@ def test_openapi_is_a_valid_document_with_the_four_paths(client):
 
 
 def test_openapi_seconds_maximum_follows_history_length():
-    spec = make_client(History(Tally(), 20), history_seconds=20).get("/openapi.json").get_json()
+    spec = make_client(History(Tally(), 20)).get("/openapi.json").get_json()
     seconds = [p["schema"] for p in spec["components"]["parameters"].values() if p["name"] == "seconds"]
     assert len(seconds) == 3
     assert all(schema["maximum"] == 20 and schema["default"] <= 20 for schema in seconds)
@@ -417,7 +415,7 @@ def test_replayed_pcap_matches_the_oracle():
         tally.record(counter.count(batch))
     history = History(tally, 300)
     history.tick(1000)
-    client = make_client(history, server_ips=tuple(expected["servers"]))
+    client = make_client(history, servers=tuple(expected["servers"]))
     clients = {c["ip"]: c for c in client.get("/traffic").get_json()["clients"]}
     assert set(clients) == set(expected["clients"])
     for ip, want in expected["clients"].items():

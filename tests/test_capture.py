@@ -15,13 +15,13 @@ from compat_api.history import History
 from exporter.capture import Capture
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, classify
 from exporter.collector import build_registry
-from exporter.config import Config
 from exporter.decode import decode_frame
 from exporter.engine import FrameCounter
-from exporter.sources import Frame, FrameBatch, PcapSource
+from exporter.frames import Frame, FrameBatch
+from exporter.replay import PcapSource
 from exporter.tally import Tally
 from tests.builders import LABELS, sums_of
-from tests.test_decode import random_frame
+from tests.builders import random_frame
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
 
@@ -71,6 +71,7 @@ class FailingOnce:
     def __init__(self, path, kind):
         self.inner = PcapSource(str(path))
         self.kind = kind
+        self.restartable = kind == "live"
         self.name = self.inner.name
         self.failed = False
 
@@ -99,20 +100,19 @@ def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatc
     monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
     tally = Tally()
     source = FailingOnce(CORPUS / "afs.pcap", kind="live")
-    capture = Capture(lambda: source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS),
-                      restart_on_error=True)
+    capture = Capture(source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
     with caplog.at_level(logging.ERROR):
         capture.start()
         wait_for(lambda: not capture.thread.is_alive())
-    snapshot = tally.snapshot()
-    assert snapshot.status.restarts == 1
+    status = capture.status()
+    assert status.restarts == 1
     assert "injected fault" in caplog.text and "Traceback" in caplog.text
     # the restarted source was read again after the single frame counted before the fault
-    assert snapshot.frames == 601 + 1
-    assert snapshot.status.error is None and not snapshot.status.running
+    assert status.frames == 601 + 1 == sum(tally.snapshot().results.values())
+    assert status.error is None and not status.running
     # both readers still answer, and show the restart
-    assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally))
-    assert create_app(History(tally, 60), Config()).test_client().get("/").status_code == 200
+    assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally, capture.status))
+    assert create_app(History(tally, 60), capture.status, ("131.151.32.21",)).test_client().get("/").status_code == 200
 
 
 @pytest.mark.parametrize("loop", [False, True], ids=["once", "loop"])
@@ -121,25 +121,25 @@ def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, m
     tally = Tally()
     source = FailingOnce(CORPUS / "afs.pcap", kind="pcap")
     source.inner.loop = loop
-    capture = Capture(lambda: source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))  # as serve wires it
+    capture = Capture(source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
     with caplog.at_level(logging.ERROR):
         capture.start()
         try:
             wait_for(lambda: not capture.thread.is_alive(), timeout=3)
         finally:
             capture.stop()
-    snapshot = tally.snapshot()
-    assert snapshot.frames == 1 and snapshot.status.restarts == 0
-    assert snapshot.status.error == "RuntimeError: injected fault" and not snapshot.status.running
+    status = capture.status()
+    assert status.frames == 1 == sum(tally.snapshot().results.values()) and status.restarts == 0
+    assert status.error == "RuntimeError: injected fault" and not status.running
     assert "Traceback" in caplog.text and "not restarting" in caplog.text
 
 
 def test_stop_interrupts_a_realtime_replay_quickly():
     tally = Tally()
     source = PcapSource(str(CORPUS / "afs.pcap"), realtime=True, loop=True)
-    capture = Capture(lambda: source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
+    capture = Capture(source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
     capture.start()
-    wait_for(lambda: tally.status.running)
+    wait_for(lambda: capture.status().running)
     started = time.monotonic()
     capture.stop()
     assert not capture.thread.is_alive() and time.monotonic() - started < 2

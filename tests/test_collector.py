@@ -1,4 +1,4 @@
-"""TrafficCollector: every metric of DESIGN §4 from one snapshot, valid exposition per promtool."""
+"""TrafficCollector: every metric of docs/architecture.md from one snapshot, valid exposition per promtool."""
 import shutil
 import subprocess
 
@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.capture import CaptureStatus
 from exporter.collector import TrafficCollector, build_registry
 from exporter.tally import Tally
 from tests.builders import batch_counts
@@ -15,8 +16,11 @@ def tally_with_traffic():
     tally = Tally(max_clients=1)
     tally.record(batch_counts({("198.51.100.7", "in", "HTTP"): (1500, 3), ("2001:db8::7", "out", "DNS"): (80, 1)},
                               {"not_ip": 2}))
-    tally.status.source, tally.status.interface, tally.status.running = "pcap", "x.pcap", True
     return tally
+
+
+def running_replay() -> CaptureStatus:
+    return CaptureStatus("pcap", "x.pcap", running=True)
 
 
 def samples(registry):
@@ -29,7 +33,7 @@ def samples(registry):
 
 def test_collector_exposes_client_series_results_and_health():
     registry = CollectorRegistry()
-    registry.register(TrafficCollector(tally_with_traffic()))
+    registry.register(TrafficCollector(tally_with_traffic(), running_replay))
     found = samples(registry)
     labels = (("client", "198.51.100.7"), ("direction", "in"), ("protocol", "HTTP"))
     assert found[("traffic_client_bytes_total", labels)] == 1500
@@ -50,12 +54,12 @@ def test_collector_exposes_client_series_results_and_health():
 
 
 def test_registry_includes_process_and_platform_collectors():
-    names = {name for name, _ in samples(build_registry(Tally()))}
+    names = {name for name, _ in samples(build_registry(Tally(), running_replay))}
     assert "process_cpu_seconds_total" in names and "python_info" in names
 
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (Debian package prometheus)")
 def test_promtool_check_metrics_reports_nothing():
-    text = generate_latest(build_registry(tally_with_traffic()))
+    text = generate_latest(build_registry(tally_with_traffic(), running_replay))
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert result.returncode == 0 and result.stdout == b"" and result.stderr == b"", result

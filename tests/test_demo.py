@@ -14,8 +14,9 @@ from scapy.utils import RawPcapReader
 
 from compat_api.app import create_app
 from compat_api.history import History
-from exporter.config import Config, ConfigError, parse_config
-from exporter.demo import DEMO_PCAP, DEMO_SERVER_IPS, demo_config, demo_urls
+from exporter.capture import CaptureStatus
+from exporter.config import ConfigError, parse_config, serve_config
+from exporter.demo import DEMO_PCAP, DEMO_SERVER_IPS, demo_urls, print_demo_urls
 from exporter.tally import Tally
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +46,16 @@ def bytes_per_second(path: Path) -> list[int]:
 
 
 def test_demo_config_replays_the_bundled_capture_in_a_loop_at_its_recorded_pace():
-    config = demo_config(Config(demo=True), out=io.StringIO())
+    config = serve_config(["--demo"], environ={})
     assert Path(config.pcap) == DEMO_PCAP and DEMO_PCAP.is_file()
     assert (config.replay_speed, config.loop, config.server_ips) == ("realtime", True, DEMO_SERVER_IPS)
     assert config.user is None and config.interface is None  # a replay opens no capture socket: no root needed
 
 
-def test_demo_config_prints_the_dashboard_metrics_and_rest_urls():
+def test_demo_prints_the_dashboard_metrics_and_rest_urls():
     out = io.StringIO()
-    demo_config(parse_config(["--demo", "--listen", "127.0.0.1:9100"], environ={}), out=out)
+    config = serve_config(["--demo", "--listen", "127.0.0.1:9100"], environ={})
+    print_demo_urls(config.listen_host, config.listen_port, out)
     for url in ("http://127.0.0.1:9100/dashboard", "http://127.0.0.1:9100/metrics", "http://127.0.0.1:9100/traffic"):
         assert url in out.getvalue()
 
@@ -62,7 +64,7 @@ def test_demo_config_prints_the_dashboard_metrics_and_rest_urls():
                                           ("[::]:8000", "http://localhost:8000"), ("[::1]:8001", "http://[::1]:8001")])
 def test_demo_urls_name_a_host_a_browser_can_open(listen, base):
     config = parse_config(["--listen", listen], environ={})
-    assert demo_urls(config) == [f"{base}/dashboard", f"{base}/metrics", f"{base}/traffic"]
+    assert demo_urls(config.listen_host, config.listen_port) == [f"{base}/dashboard", f"{base}/metrics", f"{base}/traffic"]
 
 
 @pytest.mark.parametrize("argv, flag", [(["--pcap", "x.pcap"], "--pcap"), (["--interface", "eth0"], "--interface"),
@@ -70,7 +72,7 @@ def test_demo_urls_name_a_host_a_browser_can_open(listen, base):
                                         (["--user", "nobody"], "--user")])
 def test_demo_refuses_flags_that_choose_what_to_capture(argv, flag):
     with pytest.raises(ConfigError, match=f"^--demo: .*{flag}"):
-        demo_config(parse_config(["--demo", *argv], environ={}), out=io.StringIO())
+        serve_config(["--demo", *argv], environ={})
 
 
 def test_demo_flag_comes_from_the_command_line_or_traffic_demo():
@@ -107,7 +109,8 @@ def test_make_demo_pcap_rebuilds_the_bundled_file_byte_for_byte(tmp_path):
 
 @pytest.fixture
 def client():
-    return create_app(History(Tally(), 300), Config(server_ips=DEMO_SERVER_IPS)).test_client()
+    status = CaptureStatus("pcap", str(DEMO_PCAP))
+    return create_app(History(Tally(), 300), lambda: status, DEMO_SERVER_IPS).test_client()
 
 
 def test_dashboard_is_an_html_page_that_loads_only_local_assets(client):

@@ -7,7 +7,6 @@ import pathlib
 import random
 import threading
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,9 +14,10 @@ from hypothesis import strategies as st
 from exporter.classify import DEFAULT_PORT_LABELS, IN, OUT, ServerSet, classify, protocol_labels
 from exporter.decode import LINKTYPE_ETHERNET, decode_frame
 from exporter.engine import ClientGrouping, FrameCounter
-from exporter.sources import FrameBatch, PcapSource
+from exporter.frames import FrameBatch
+from exporter.replay import PcapSource
 from tests.builders import spans_of
-from tests.test_decode import random_frame
+from tests.builders import random_frame
 
 LABELS = protocol_labels(DEFAULT_PORT_LABELS)
 CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"

@@ -14,9 +14,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from compat_api.history import FINE_SECONDS, MAX_BUCKET_CLIENTS, MAX_COARSE_SPANS, History, fold_small_clients
-from exporter.classify import DEFAULT_PORT_LABELS, ServerSet
+from exporter.classify import ServerSet
 from exporter.persistence import restore, save_state
-from exporter.sources import Frame, FrameBatch
+from exporter.frames import Frame
 from exporter.tally import OTHER_CLIENT, Tally
 from tests.builders import batch_counts, count_frames
 

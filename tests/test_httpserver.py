@@ -11,7 +11,7 @@ import time
 from waitress import wasyncore
 
 from exporter.httpserver import DESCRIPTORS_BESIDES_CONNECTIONS, create_server
-from tests.exporter_process import free_port
+from testkit.process import free_port
 
 RESPONSE = b"x" * (1 << 20)
 AFS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps" / "afs.pcap"

@@ -1,5 +1,4 @@
 """--state-file: atomic save, restore round trip, and a fresh start on bad files."""
-import ipaddress
 import json
 import logging
 import subprocess

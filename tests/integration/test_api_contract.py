@@ -26,7 +26,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.utils import RawPcapWriter
 
-from tests.exporter_process import running_exporter
+from testkit.process import running_exporter
 
 pytestmark = pytest.mark.integration
 

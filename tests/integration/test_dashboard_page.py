@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 
 import pytest
 
-from tests.exporter_process import get, running_exporter
+from testkit.process import get, running_exporter
 from tests.integration.unprivileged import NOBODY, unprivileged_wrapper
 
 pytestmark = pytest.mark.integration

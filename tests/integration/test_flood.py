@@ -6,7 +6,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.exporter_process import get, running_exporter
+from testkit.process import get, running_exporter
 
 pytestmark = pytest.mark.integration
 

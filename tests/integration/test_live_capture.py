@@ -12,9 +12,9 @@ import ipaddress
 
 import pytest
 
-from tests.integration.live_traffic import (NamespacedExporter, Tcpdump, generate_traffic, inject_vlan_frames,
+from testkit.live_traffic import (NamespacedExporter, Tcpdump, generate_traffic, inject_vlan_frames,
                                             running_servers)
-from tests.integration.netns import namespace_pair, netns_unavailable_reason
+from testkit.netns import namespace_pair, netns_unavailable_reason
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(netns_unavailable_reason() is not None,

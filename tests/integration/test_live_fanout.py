@@ -9,8 +9,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
-from tests.integration.live_traffic import REPO_ROOT, NamespacedExporter
-from tests.integration.netns import namespace_pair, netns_unavailable_reason
+from testkit.live_traffic import REPO_ROOT, NamespacedExporter
+from testkit.netns import namespace_pair, netns_unavailable_reason
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(netns_unavailable_reason() is not None,

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.integration.live_traffic import REPO_ROOT, NamespacedExporter, dns_in_bytes, send_udp
-from tests.integration.netns import namespace_pair, netns_unavailable_reason
+from testkit.live_traffic import REPO_ROOT, NamespacedExporter, dns_in_bytes, send_udp
+from testkit.netns import namespace_pair, netns_unavailable_reason
 from tests.integration.unprivileged import NOBODY, unprivileged_wrapper
 
 pytestmark = [pytest.mark.integration,

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from tests.integration.live_traffic import REPO_ROOT, NamespacedExporter, dns_in_bytes, send_udp
-from tests.integration.netns import namespace_pair, netns_unavailable_reason
+from testkit.live_traffic import REPO_ROOT, NamespacedExporter, dns_in_bytes, send_udp
+from testkit.netns import namespace_pair, netns_unavailable_reason
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(netns_unavailable_reason() is not None,
@@ -49,7 +49,7 @@ def test_live_capture_survives_interface_loss_and_restarts_when_it_returns():
 KERNEL_DROPS_SCRIPT = r"""
 import socket, subprocess, sys
 sys.path.insert(0, sys.argv.pop(1))
-from exporter.live import LiveSource
+from exporter.ring import LiveSource
 
 def flood():
     # 300 datagrams from the client while nobody reads: a one-block 4 KiB ring overflows.

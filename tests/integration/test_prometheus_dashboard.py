@@ -18,7 +18,7 @@ import pytest
 
 from bench.generate import SERVER_V4, SERVER_V6, write_pcap
 from tests.dashboard_queries import panel_queries
-from tests.exporter_process import free_port, get, running_exporter, terminate
+from testkit.process import free_port, get, running_exporter, terminate
 
 pytestmark = pytest.mark.integration
 

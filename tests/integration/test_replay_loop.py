@@ -15,8 +15,8 @@ from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
 from exporter.decode import LINKTYPE_ETHERNET
-from tests.exporter_process import free_port, get, terminate
-from tests.test_sources import MACS, Pcapng
+from testkit.process import free_port, get, terminate
+from tests.capture_files import MACS, Pcapng
 
 pytestmark = pytest.mark.integration
 SERVER = "192.0.2.1"

@@ -10,7 +10,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.exporter_process import get, running_exporter
+from testkit.process import get, running_exporter
 
 pytestmark = pytest.mark.integration
 CORPUS = pathlib.Path(__file__).parents[1] / "data" / "corpus" / "pcaps"

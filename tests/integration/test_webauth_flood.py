@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import bcrypt
 import pytest
 
-from tests.exporter_process import running_exporter
+from testkit.process import running_exporter
 
 pytestmark = pytest.mark.integration
 CORPUS = pathlib.Path(__file__).parents[1] / "data" / "corpus"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.integration.live_traffic import REPO_ROOT
+from testkit.live_traffic import REPO_ROOT
 
 NOBODY = 65534
 

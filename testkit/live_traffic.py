@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from tests.exporter_process import terminate
-from tests.integration.netns import NamespacePair
+from testkit.process import terminate
+from testkit.netns import NamespacePair
 
 # Dual-stack servers: HTTP on 80 and 8080 (serving a file larger than the MTU, so TSO/GRO
 # aggregates appear), TCP sinks on 443 and 22, a UDP responder on 53. Exits after 120 s at most.
@@ -303,4 +303,4 @@ class NamespacedExporter:
         return self.process.stderr.read()
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]

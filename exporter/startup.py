@@ -1,0 +1,85 @@
+"""What start-up resolves from the configuration: the frame source, the server addresses, the counting.
+
+Problems an operator can fix (an unknown interface, an invalid filter, no capture privilege) become
+``ConfigError``: one line, exit code 2. Live capture's modules (and Scapy) are imported only for it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Optional
+
+from .classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
+from .config import Config, ConfigError
+from .engine import ClientGrouping, FrameCounter
+from .frames import Source
+from .replay import PcapSource
+from .summarize import most_frequent_address
+from .tally import Tally
+
+log = logging.getLogger("exporter")
+
+
+class Capturing(NamedTuple):
+    """The resolved facts of a run: where frames come from, and the server they are counted for."""
+
+    source: Source
+    servers: ServerSet
+
+
+def open_source(config: Config) -> Capturing:
+    """Open the replay or the live capture, and settle the server addresses."""
+    if config.pcap:
+        source = PcapSource(config.pcap, realtime=config.replay_speed == "realtime", loop=config.loop)
+        return Capturing(source, _servers_of_file(config, source))
+    return _open_live(config)
+
+
+def counting(config: Config, servers: ServerSet, *, idle_seconds: Optional[float] = None
+             ) -> tuple[FrameCounter, Tally]:
+    """The counting engine and the tally it feeds."""
+    grouping = ClientGrouping(config.client_prefix_v4, config.client_prefix_v6)
+    labels = protocol_labels(DEFAULT_PORT_LABELS)
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, labels, grouping)
+    tally = Tally(max_clients=config.max_clients, grouping=grouping, labels=labels,
+                  client_idle_seconds=config.client_idle_seconds if idle_seconds is None else idle_seconds)
+    return counter, tally
+
+
+def _servers_of_file(config: Config, source: PcapSource) -> ServerSet:
+    if config.server_ips:
+        return ServerSet(config.server_ips)
+    guessed = most_frequent_address(source)
+    if guessed is None:
+        log.warning("%s has no readable IP frame to guess the server from; every frame will be ignored",
+                    source.name)
+        return ServerSet([])
+    log.info("no --server-ip given: using %s, the address seen most often in %s", guessed, source.name)
+    return ServerSet([guessed])
+
+
+def _open_live(config: Config) -> Capturing:
+    from .bpf import FilterError
+    from .interfaces import InterfaceNotFound, default_interface, server_addresses
+    from .privileges import CapturePermissionError
+    from .ring import FanoutError, LiveSource
+
+    try:
+        interface = config.interface or default_interface()
+        source = LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20,
+                            fanout_group=config.fanout_group)
+    except InterfaceNotFound as error:
+        raise ConfigError(f"--interface: {error}") from None
+    except FilterError as error:
+        raise ConfigError(f"--filter: {error}") from None
+    except FanoutError as error:
+        raise ConfigError(f"--fanout-group: {error}") from None
+    except CapturePermissionError as error:
+        raise ConfigError(str(error)) from None
+    servers = ServerSet(config.server_ips or server_addresses(interface))
+    if not servers:
+        raise ConfigError(f"--server-ip: {interface} has no IPv4 or global IPv6 address to count traffic for; "
+                          f"give --server-ip")
+    log.info("live capture on %s%s, server addresses %s%s", interface,
+             "" if config.interface else " (holds the default route)", ", ".join(servers.addresses),
+             "" if config.server_ips else f" (those of {interface})")
+    return Capturing(source, servers)
