@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from exporter.engine import DIRECTIONS
+from exporter.classify import DIRECTIONS
 from exporter.tally import OTHER_CLIENT, Tally, count
 
 log = logging.getLogger(__name__)

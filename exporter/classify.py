@@ -10,7 +10,8 @@ NOT_SERVER = "not_server"
 INTERNAL = "internal"
 IN = "in"
 OUT = "out"
-OTHER = "OTHER"
+DIRECTIONS = (IN, OUT)  # their order in the counters' arrays
+OTHER_LABEL = "OTHER"  # the protocol label of every other port and protocol
 
 DEFAULT_PORT_LABELS: Mapping[tuple[int, int], str] = {
     (IPPROTO_TCP, 80): "HTTP", (IPPROTO_TCP, 8080): "HTTP",
@@ -65,11 +66,11 @@ def classify(decoded: Decoded, servers: ServerSet,
         client, direction, server_port, client_port = src, IN, dport, sport
     else:
         client, direction, server_port, client_port = dst, OUT, sport, dport
-    label = port_labels.get((ip_proto, server_port)) or port_labels.get((ip_proto, client_port)) or OTHER
+    label = port_labels.get((ip_proto, server_port)) or port_labels.get((ip_proto, client_port)) or OTHER_LABEL
     return (client, direction, label)
 
 
 def protocol_labels(port_labels: Mapping[tuple[int, int], str]) -> tuple[str, ...]:
-    """Every label the map can produce, in first-seen order, with ``OTHER`` last."""
-    labels = dict.fromkeys(label for label in port_labels.values() if label != OTHER)
-    return (*labels, OTHER)
+    """Every label the map can produce, in first-seen order, with ``OTHER_LABEL`` last."""
+    labels = dict.fromkeys(label for label in port_labels.values() if label != OTHER_LABEL)
+    return (*labels, OTHER_LABEL)

@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .capture import CaptureStatus
-from .engine import DIRECTIONS
+from .classify import DIRECTIONS
 from .tally import RESULTS, Tally
 
 

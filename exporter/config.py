@@ -223,7 +223,7 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
         values["pcap"] = getattr(namespace, positional)
     for dest, flags, parse, _help in options:
         raw = getattr(namespace, dest)
-        source = flags[0]
+        origin = flags[0]
         if dest == "server_ip" and raw is not None:
             raw = ",".join(raw)
         if raw is None:
@@ -232,7 +232,7 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
             if raw is None and dest == "server_ip":
                 env_name = "SERVER_IP"
                 raw = environ.get(env_name)
-            source = f"{flags[0]} (from {env_name})"
+            origin = f"{flags[0]} (from {env_name})"
             if raw is not None and not raw.strip():
                 raw = None  # an empty variable (compose's ${VAR:-}) means "use the default"
         if raw is None:
@@ -240,7 +240,7 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
         try:
             values[dest] = parse(raw)
         except ValueError as error:
-            raise ConfigError(f"{source}: {error}; got {raw!r}") from None
+            raise ConfigError(f"{origin}: {error}; got {raw!r}") from None
     return _to_config(values)
 
 

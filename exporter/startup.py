@@ -10,7 +10,8 @@ from typing import NamedTuple, Optional
 
 from .classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
 from .config import Config, ConfigError
-from .engine import ClientGrouping, FrameCounter
+from .clients import ClientGrouping
+from .engine import FrameCounter
 from .frames import Source
 from .replay import PcapSource
 from .summarize import most_frequent_address

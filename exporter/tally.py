@@ -18,8 +18,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .classify import DEFAULT_PORT_LABELS, IN, OUT, protocol_labels
-from .engine import DIRECTIONS, BatchCounts, ClientGrouping, ClientKey
+from .classify import DEFAULT_PORT_LABELS, DIRECTIONS, IN, OUT, protocol_labels
+from .clients import BatchCounts, ClientGrouping, ClientKey
 
 OTHER_CLIENT = "other"
 RESULTS = ("counted", "not_ip", "not_server", "internal", "malformed")

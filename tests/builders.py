@@ -12,7 +12,7 @@ from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from exporter.classify import DEFAULT_PORT_LABELS, protocol_labels
-from exporter.engine import BatchCounts, ClientGrouping, counts_from_mapping
+from exporter.clients import BatchCounts, ClientGrouping, counts_from_mapping
 
 LABELS = protocol_labels(DEFAULT_PORT_LABELS)
 
@@ -56,7 +56,7 @@ def count_frames(frames, servers, link_type: int = 1, grouping: Optional[ClientG
 
 def sums_of(counts: BatchCounts, grouping: Optional[ClientGrouping] = None) -> dict:
     """``{(client label, direction, protocol): [bytes, packets]}`` of the engine's sums (rows added up)."""
-    from exporter.engine import DIRECTIONS
+    from exporter.classify import DIRECTIONS
     grouping = grouping or ClientGrouping()
     sums: dict = {}
     for key, cells in zip(zip(counts.family.tolist(), counts.hi.tolist(), counts.lo.tolist()), counts.counts):

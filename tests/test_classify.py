@@ -3,7 +3,7 @@ import ipaddress
 
 import pytest
 
-from exporter.classify import (DEFAULT_PORT_LABELS, INTERNAL, NOT_SERVER, OTHER, ServerSet, classify,
+from exporter.classify import (DEFAULT_PORT_LABELS, INTERNAL, NOT_SERVER, OTHER_LABEL, ServerSet, classify,
                                protocol_labels)
 
 
@@ -47,14 +47,14 @@ def test_client_side_port_used_when_server_port_is_unknown():
 
 @pytest.mark.parametrize("proto, port, label", [
     (6, 80, "HTTP"), (6, 8080, "HTTP"), (6, 443, "HTTPS"), (17, 443, "HTTPS"), (6, 20, "FTP"), (6, 21, "FTP"),
-    (6, 22, "SSH"), (17, 53, "DNS"), (6, 53, "DNS"), (17, 80, OTHER), (17, 22, OTHER), (6, 5432, OTHER),
+    (6, 22, "SSH"), (17, 53, "DNS"), (6, 53, "DNS"), (17, 80, OTHER_LABEL), (17, 22, OTHER_LABEL), (6, 5432, OTHER_LABEL),
 ])
 def test_default_port_map(proto, port, label):
     assert classify(frame("198.51.100.7", "192.0.2.10", proto, 60000, port), SERVERS)[2] == label
 
 
 def test_frames_without_ports_are_other():
-    assert classify(frame("198.51.100.7", "192.0.2.10", 1), SERVERS)[2] == OTHER
+    assert classify(frame("198.51.100.7", "192.0.2.10", 1), SERVERS)[2] == OTHER_LABEL
 
 
 def test_custom_port_map_and_label_set():

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from exporter.classify import DEFAULT_PORT_LABELS, IN, OUT, ServerSet, classify, protocol_labels
 from exporter.decode import LINKTYPE_ETHERNET, decode_frame
-from exporter.engine import ClientGrouping, FrameCounter
+from exporter.clients import ClientGrouping
+from exporter.engine import FrameCounter
 from exporter.frames import FrameBatch
 from exporter.replay import PcapSource
 from tests.builders import spans_of
@@ -138,7 +139,7 @@ def test_common_frames_take_the_fast_path():
 
 
 def test_a_digest_collision_between_two_clients_is_counted_exactly():
-    from exporter.engine import _MIX
+    from exporter.clients import _MIX
     # An IPv6 client whose digest equals an IPv4 client's: hi * M0 == 2 and the same low half.
     hi = 2 * pow(int(_MIX[0]), -1, 2**64) % 2**64
     v6 = ipaddress.IPv6Address(hi << 64 | int(ipaddress.IPv4Address("198.51.100.7")))

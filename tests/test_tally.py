@@ -4,7 +4,7 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.engine import ClientGrouping
+from exporter.clients import ClientGrouping
 from exporter.tally import OTHER_CLIENT, Tally
 from tests.builders import batch_counts
 
