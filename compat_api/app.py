@@ -45,9 +45,9 @@ LANDING_PAGE = """<!doctype html>
 """
 
 
-def create_app(history: History, capture_status: Callable[[], CaptureStatus], servers: Sequence[str],
+def create_app(history: History, capture_status: Callable[[], CaptureStatus], servers: Callable[[], Sequence[str]],
                cors_origins: Sequence[str] = ("*",)) -> Flask:
-    """Build the Flask app serving the REST API from ``history``, the capture's health and the server addresses."""
+    """Build the Flask app serving the REST API from ``history``, the capture's health and the server addresses now."""
     app = Flask(__name__)
     app.json.sort_keys = False  # keep the documented key order
     CORS(app, origins=list(cors_origins), methods=["GET", "HEAD", "OPTIONS"])
@@ -59,10 +59,10 @@ def create_app(history: History, capture_status: Callable[[], CaptureStatus], se
     def index() -> Response:
         accept = request.accept_mimetypes
         if accept.best_match(["application/json", "text/html"]) == "text/html":
-            response = Response(LANDING_PAGE.format(servers=html.escape(", ".join(servers) or "the server")),
+            response = Response(LANDING_PAGE.format(servers=html.escape(", ".join(servers()) or "the server")),
                                 mimetype="text/html")
         else:
-            response = jsonify(index_body(capture_status(), servers))
+            response = jsonify(index_body(capture_status(), servers()))
         response.vary.add("Accept")
         return response
 

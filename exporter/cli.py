@@ -47,8 +47,8 @@ def run_summarize(config: Config) -> int:
     from .startup import counting, open_source
     from .summarize import format_json, format_table, summarize
 
-    source, servers = open_source(config)
-    summary = summarize(source, *counting(config, servers, idle_seconds=float("inf")))
+    capturing = open_source(config)
+    summary = summarize(capturing.source, *counting(config, capturing.servers, idle_seconds=float("inf")))
     print(format_json(summary) if config.output_format == "json" else format_table(summary))
     return 0
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,9 +18,11 @@ from .tally import RESULTS, Tally
 class TrafficCollector(Collector):
     """Every ``traffic_*`` metric of the exporter, built from one consistent snapshot per scrape."""
 
-    def __init__(self, tally: Tally, capture_status: Callable[[], CaptureStatus]):
+    def __init__(self, tally: Tally, capture_status: Callable[[], CaptureStatus],
+                 server_addresses: Callable[[], Sequence[str]]):
         self.tally = tally
         self.capture_status = capture_status
+        self.server_addresses = server_addresses
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self.tally.snapshot()
@@ -73,6 +75,12 @@ class TrafficCollector(Collector):
                                  labels=["source", "interface", "filter"])
         info.add_metric([status.kind, status.name, status.filter], 1)
         yield info
+        servers = GaugeMetricFamily("traffic_exporter_server_address_info",
+                                    "The server addresses (or networks) traffic is counted for now (always 1).",
+                                    labels=["address"])
+        for address in self.server_addresses():
+            servers.add_metric([address], 1)
+        yield servers
         yield _build_info()
 
 
@@ -83,10 +91,11 @@ def _build_info() -> GaugeMetricFamily:
     return build
 
 
-def build_registry(tally: Tally, capture_status: Callable[[], CaptureStatus]) -> CollectorRegistry:
+def build_registry(tally: Tally, capture_status: Callable[[], CaptureStatus],
+                   server_addresses: Callable[[], Sequence[str]]) -> CollectorRegistry:
     """A registry with the traffic collector and prometheus-client's process, platform and GC collectors."""
     registry = CollectorRegistry()
-    registry.register(TrafficCollector(tally, capture_status))
+    registry.register(TrafficCollector(tally, capture_status, server_addresses))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -4,15 +4,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 from .demo import DEMO_PCAP, DEMO_SERVER_IPS
-from .ring import RING_BYTES
 from .tally import DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CLIENTS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REPLAY_SPEEDS = ("realtime", "max")
+CAPTURE_BACKENDS = ("auto", "af_packet", "libpcap")
 OUTPUT_FORMATS = ("table", "json")
 
 
@@ -25,7 +26,8 @@ class Config:
     interface: Optional[str] = None
     server_ips: tuple[str, ...] = ()
     filter: str = ""
-    capture_buffer_mib: int = RING_BYTES >> 20
+    capture_buffer_mib: int = 16  # the engine keeps up with tcpreplay's top speed: the ring bridges stalls
+    capture_backend: str = "auto"
     fanout_group: Optional[int] = None
     pcap: Optional[str] = None
     replay_speed: str = "max"
@@ -48,6 +50,12 @@ class Config:
     web_idle_timeout: int = 60
     # summarize only
     output_format: str = "table"
+
+    def live_backend(self) -> str:
+        """The live capture backend ``auto`` stands for on this platform."""
+        if self.capture_backend != "auto":
+            return self.capture_backend
+        return "af_packet" if sys.platform.startswith("linux") else "libpcap"
 
     @property
     def listen(self) -> str:
@@ -133,6 +141,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
     ("filter", ("--filter",), _text, "BPF filter applied to the capture"),
     ("capture_buffer_mib", ("--capture-buffer-mib",), _integer(4, 4096),
      "size of the kernel capture ring in MiB (absorbs bursts; resident memory)"),
+    ("capture_backend", ("--capture-backend",), _choice(CAPTURE_BACKENDS),
+     "live capture through the AF_PACKET ring (Linux) or libpcap; auto: the ring on Linux, libpcap elsewhere"),
     ("fanout_group", ("--fanout-group",), _integer(0, 65535),
      "share the interface with the other exporters of this PACKET_FANOUT group, split by flow"),
     ("pcap", ("--pcap",), _text, "replay this pcap/pcapng file instead of capturing live"),
@@ -197,6 +207,12 @@ def serve_config(argv: Sequence[str], environ: Optional[dict] = None, prog: str 
         raise ConfigError("--user: only applies to live capture (a pcap replay needs no privileges)")
     if config.fanout_group is not None and config.pcap:
         raise ConfigError("--fanout-group: only applies to live capture")
+    if config.fanout_group is not None and config.live_backend() != "af_packet":
+        raise ConfigError("--fanout-group: needs --capture-backend af_packet (Linux)")
+    if config.interface and config.pcap:
+        raise ConfigError("--interface: only applies to live capture; leave it out with --pcap")
+    if not config.pcap and (config.loop or config.replay_speed == "realtime"):
+        raise ConfigError("--loop and --replay-speed: only apply to a replay (--pcap FILE)")
     if config.user and os.geteuid() != 0:
         raise ConfigError("--user: switching users needs root; start as root or leave --user out")
     return config
@@ -204,8 +220,8 @@ def serve_config(argv: Sequence[str], environ: Optional[dict] = None, prog: str 
 
 def summarize_config(argv: Sequence[str], environ: Optional[dict] = None,
                      prog: str = "traffic-exporter summarize") -> Config:
-    """The configuration of ``summarize FILE``."""
-    return parse_config(argv, SUMMARIZE_OPTIONS, environ, positional="file", prog=prog,
+    """The configuration of ``summarize FILE``: flags only (variables set for the service do not apply)."""
+    return parse_config(argv, SUMMARIZE_OPTIONS, environ={} if environ is None else environ, positional="file", prog=prog,
                         defaults={"max_clients": SUMMARIZE_MAX_CLIENTS})
 
 
@@ -227,7 +243,7 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
         if dest == "server_ip" and raw is not None:
             raw = ",".join(raw)
         if raw is None:
-            env_name = f"TRAFFIC_{dest.upper()}"
+            env_name = "TRAFFIC_" + flags[0].lstrip("-").upper().replace("-", "_")
             raw = environ.get(env_name)
             if raw is None and dest == "server_ip":
                 env_name = "SERVER_IP"

@@ -26,23 +26,42 @@ PORT_ROW = 65537  # the label table has a row per protocol, indexed by port + 1 
 _U64 = np.uint64
 
 
-class FrameCounter:
-    """Counts batches of frames for one server set, port map and client prefix lengths."""
+class ServerMatcher:
+    """A server set in the arrays' terms: which of many (family, hi, lo) addresses are the server's."""
 
-    def __init__(self, servers: ServerSet, port_labels: Mapping[tuple[int, int], str], labels: Sequence[str],
-                 grouping: Optional[ClientGrouping] = None, client_index_capacity: int = CLIENT_INDEX_CAPACITY):
+    def __init__(self, servers: ServerSet):
         self.servers = servers
-        self.port_labels = port_labels
-        self.labels = tuple(labels)
-        self.grouping = grouping or ClientGrouping()
-        self._label_index = {label: index for index, label in enumerate(self.labels)}
-        self._other = self._label_index[OTHER_LABEL]
         self._exact_v4 = np.array([int(n.network_address) for n in servers.networks
                                    if n.version == 4 and n.num_addresses == 1], np.uint64)
         self._networks_v4 = [(_U64(int(n.netmask)), _U64(int(n.network_address)))
                              for n in servers.networks if n.version == 4 and n.num_addresses > 1]
         self._networks_v6 = [tuple(_U64(part) for part in (*halves(int(n.netmask)), *halves(int(n.network_address))))
                              for n in servers.networks if n.version == 6]
+
+    def contains(self, family: int, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """Whether each address of ``family`` is a server address."""
+        if family == FAMILY_V4:
+            found = np.isin(lo, self._exact_v4)
+            for mask, network in self._networks_v4:
+                found |= lo & mask == network
+            return found
+        found = np.zeros(len(lo), bool)
+        for mask_hi, mask_lo, network_hi, network_lo in self._networks_v6:
+            found |= (hi & mask_hi == network_hi) & (lo & mask_lo == network_lo)
+        return found
+
+
+class FrameCounter:
+    """Counts batches of frames for one server set (which may be replaced), port map and client prefix lengths."""
+
+    def __init__(self, servers: ServerSet, port_labels: Mapping[tuple[int, int], str], labels: Sequence[str],
+                 grouping: Optional[ClientGrouping] = None, client_index_capacity: int = CLIENT_INDEX_CAPACITY):
+        self._matcher = ServerMatcher(servers)
+        self.port_labels = port_labels
+        self.labels = tuple(labels)
+        self.grouping = grouping or ClientGrouping()
+        self._label_index = {label: index for index, label in enumerate(self.labels)}
+        self._other = self._label_index[OTHER_LABEL]
         # label of (protocol, port + 1): one row per protocol the map names, a last row of NO_LABEL
         protocols = sorted({protocol for protocol, _ in port_labels})
         self._protocol_row = np.full(256, len(protocols) * PORT_ROW, np.int64)  # where its row starts
@@ -53,8 +72,17 @@ class FrameCounter:
             self._port_label[self._protocol_row[protocol] + port + 1] = self._label_index[label]
         self._clients = ClientIndex(len(DIRECTIONS) * len(self.labels), client_index_capacity)
 
+    @property
+    def servers(self) -> ServerSet:
+        return self._matcher.servers
+
+    def set_servers(self, servers: ServerSet) -> None:
+        """Count for ``servers`` from the next batch on (one reference swapped: any thread may call it)."""
+        self._matcher = ServerMatcher(servers)
+
     def count(self, batch: FrameBatch) -> BatchCounts:
         """Sum a batch of frames."""
+        matcher = self._matcher  # one server set for the whole batch
         link_type, buffer, starts, ends, wire_lengths = (batch.link_type, batch.buffer, batch.starts, batch.ends,
                                                          batch.wire_lengths)
         frames = len(starts)
@@ -62,12 +90,13 @@ class FrameCounter:
             return self._empty()
         parsed = parse_frames(link_type, buffer, starts, ends)
         if parsed is None:  # a link type without array code: every frame the slow way
-            return self._count_slowly(link_type, buffer, starts, ends, wire_lengths, np.arange(frames))
+            return self._count_slowly(matcher.servers, link_type, buffer, starts, ends, wire_lengths,
+                                      np.arange(frames))
         result, families = parsed
         columns = []  # per family: frame index, client hi, client lo, direction, label
         for family, ip in zip((FAMILY_V4, FAMILY_V6), families):
-            src_server = self._is_server(family, ip.src_hi, ip.src_lo)
-            dst_server = self._is_server(family, ip.dst_hi, ip.dst_lo)
+            src_server = matcher.contains(family, ip.src_hi, ip.src_lo)
+            dst_server = matcher.contains(family, ip.dst_hi, ip.dst_lo)
             ignored = src_server == dst_server
             result[ip.index[ignored]] = np.where(src_server[ignored], IGNORED_INTERNAL, IGNORED_NOT_SERVER)
             inbound = dst_server[~ignored]
@@ -89,24 +118,13 @@ class FrameCounter:
         slow = np.flatnonzero(result == SLOW)
         if len(slow) == 0:
             return sums._replace(ignored=ignored)
-        slowly = self._count_slowly(link_type, buffer, starts, ends, wire_lengths, slow)
+        slowly = self._count_slowly(matcher.servers, link_type, buffer, starts, ends, wire_lengths, slow)
         for reason, frames in slowly.ignored.items():
             ignored[reason] = ignored.get(reason, 0) + frames
         return concatenate(sums._replace(ignored=ignored), slowly)
 
     def _empty(self) -> BatchCounts:
         return empty_counts(len(self.labels))
-
-    def _is_server(self, family: int, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        if family == FAMILY_V4:
-            found = np.isin(lo, self._exact_v4)
-            for mask, network in self._networks_v4:
-                found |= lo & mask == network
-            return found
-        found = np.zeros(len(lo), bool)
-        for mask_hi, mask_lo, network_hi, network_lo in self._networks_v6:
-            found |= (hi & mask_hi == network_hi) & (lo & mask_lo == network_lo)
-        return found
 
     def _label(self, protocol: np.ndarray, server_port: np.ndarray, client_port: np.ndarray) -> np.ndarray:
         """The label index: the server-side port's label, else the client-side port's, else OTHER_LABEL."""
@@ -117,14 +135,14 @@ class FrameCounter:
         label[label == NO_LABEL] = self._other
         return label
 
-    def _count_slowly(self, link_type: int, buffer, starts: np.ndarray, ends: np.ndarray,
+    def _count_slowly(self, servers: ServerSet, link_type: int, buffer, starts: np.ndarray, ends: np.ndarray,
                       wire_lengths: np.ndarray, which: np.ndarray) -> BatchCounts:
         """The reference path, one frame at a time, for the frames ``which``."""
         sums: dict = {}
         ignored: dict = {}
         for index in which.tolist():
             decoded = decode_frame(link_type, buffer, int(starts[index]), int(ends[index]))
-            result = decoded if decoded.__class__ is str else classify(decoded, self.servers, self.port_labels)
+            result = decoded if decoded.__class__ is str else classify(decoded, servers, self.port_labels)
             if result.__class__ is str:
                 ignored[result] = ignored.get(result, 0) + 1
                 continue

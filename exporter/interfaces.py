@@ -31,13 +31,23 @@ class Interface(NamedTuple):
     addresses: tuple[str, ...]  # IPv4 and IPv6, as the kernel lists them
 
 def list_interfaces() -> dict[str, Interface]:
-    """Every interface of this network namespace, read fresh (an interface may come and go)."""
-    from scapy.arch.linux import LinuxInterfaceProvider
+    """Every interface of this host (or network namespace), read fresh: an interface may come and go.
 
+    Scapy's provider for the platform reads them: netlink on Linux, the OS's own calls elsewhere.
+    """
+    import scapy.arch  # noqa: F401 -- registers the platform's interface provider
+    from scapy.config import conf
+
+    conf.ifaces.reload()
     found = {}
-    for name, iface in LinuxInterfaceProvider().load().items():
+    for iface in conf.ifaces.values():
         addresses = tuple(address for version in (4, 6) for address in iface.ips.get(version, ()))
-        found[name] = Interface(name, iface.index, iface.type, bool(int(iface.flags) & IFF_UP), addresses)
+        try:
+            up = bool(int(iface.flags) & IFF_UP)  # IFF_UP is 1 on Linux and the BSDs
+        except (TypeError, ValueError):
+            up = iface.is_valid()
+        found[iface.network_name] = Interface(iface.network_name, iface.index, getattr(iface, "type", ARPHRD_ETHER),
+                                              up, addresses)
     return found
 
 def server_addresses(interface: str) -> tuple[str, ...]:

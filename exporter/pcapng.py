@@ -1,10 +1,11 @@
-"""pcapng files (draft-ietf-opsawg-pcapng), walked block by block in large chunks: where each frame lies."""
+"""pcapng files and streams (draft-ietf-opsawg-pcapng), walked block by block as chunks arrive: where each frame lies."""
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional
 
 from .frames import BATCH_FRAMES, MAX_RECORD, FrameBatch, SourceError, check_link_type
+from .pcap import NO_LINK_TYPE, Arrivals
 
 READ_CHUNK = 1 << 24
 
@@ -32,36 +33,39 @@ IF_TSRESOL = 9
 IF_TSOFFSET = 14
 
 
-def read_pcapng(file: BinaryIO, path: str, timestamps: bool) -> Iterator[FrameBatch]:
-    """Walk a pcapng file block by block in large chunks, noting where each frame lies: no copy per frame.
+def read_pcapng(chunks: Iterable[Optional[bytes]], path: str, timestamps: bool, *, stream: bool = False
+                ) -> Iterator[FrameBatch]:
+    """Walk a pcapng file or stream block by block as its chunks arrive, noting where each frame lies: no copy per frame.
 
     Each section has its own byte order and interfaces; each packet block refers to an interface
     its section described before it. Other blocks (statistics, names, custom...) are skipped.
-    A simple packet block has no timestamp: its timestamp is None.
+    A simple packet block has no timestamp: its timestamp is None. A chunk of None means nothing
+    arrived for a while (a stream): an empty batch.
     """
-    buffer = b""
-    base = 0  # the file offset of buffer[0], for error messages
-    position = 0
+    arrivals = Arrivals(chunks)
+    buffer, base, position = b"", 0, 0  # the walk: buffer[position] is at byte base + position of the input
     order = "<"  # until the section header says otherwise
     head, word, enhanced, obsolete = _pcapng_structs(order)
     interfaces: list[_Interface] = []
     checked: set[int] = set()  # link types known to be supported
-    link_type = -1
+    link_type = NO_LINK_TYPE
     spans: list[tuple[int, int, int]] = []
     times: list[Optional[float]] = []
+    wanted = 12  # bytes from the walk's position needed before walking again: a block head, or a whole block
 
     def corrupt(problem: str) -> SourceError:
         return SourceError(f"{path}: corrupt pcapng block at byte {base + position}: {problem}")
 
     try:
         while True:
-            chunk = file.read(READ_CHUNK)
-            if not chunk:
-                break
-            buffer = buffer[position:] + chunk
-            base += position
-            position = 0
+            if not arrivals.fill(wanted):
+                if arrivals.ended:
+                    break
+                yield FrameBatch.empty(link_type)
+                continue
+            buffer, base, position = arrivals.buffer, arrivals.base, arrivals.position
             end = len(buffer)
+            wanted = 12
             while position + 12 <= end:
                 block_type, length = head(buffer, position)
                 if block_type == BLOCK_SECTION_HEADER:
@@ -72,7 +76,8 @@ def read_pcapng(file: BinaryIO, path: str, timestamps: bool) -> Iterator[FrameBa
                     raise corrupt(f"block length {length} (a multiple of 4 from 12 to {MAX_RECORD} expected)")
                 following = position + length
                 if following > end:
-                    break  # the block goes on in the next chunk
+                    wanted = length  # the block goes on in the next chunks
+                    break
                 trailing = word(buffer, following - 4)[0]
                 if trailing != length:
                     raise corrupt(f"trailing block length {trailing} differs from the leading {length}")
@@ -129,6 +134,7 @@ def read_pcapng(file: BinaryIO, path: str, timestamps: bool) -> Iterator[FrameBa
                 if len(spans) == BATCH_FRAMES:
                     yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
                     spans, times = [], []
+            arrivals.position = position
             if spans:  # they locate frames in this buffer: hand them over before the next chunk
                 yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
                 spans, times = [], []
@@ -136,8 +142,15 @@ def read_pcapng(file: BinaryIO, path: str, timestamps: bool) -> Iterator[FrameBa
         if spans:  # the frames before the problem count
             yield FrameBatch.from_spans(link_type, buffer, spans, times if timestamps else None)
         raise
-    if position != len(buffer):
-        raise SourceError(f"{path}: truncated file (block at byte {base + position} incomplete)")
+    if arrivals.left:
+        raise SourceError(f"{path}: truncated {'stream' if stream else 'file'} "
+                          f"(block at byte {arrivals.base + arrivals.position} incomplete)")
+
+
+def file_chunks(file: BinaryIO) -> Iterator[bytes]:
+    """A file in pieces of READ_CHUNK bytes."""
+    return iter(lambda: file.read(READ_CHUNK), b"")
+
 
 class _Interface(NamedTuple):
     """What a pcapng interface description says about the packets that refer to it."""

@@ -21,12 +21,20 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 class CapturePermissionError(SourceError):
     """The process may not open a packet socket (no CAP_NET_RAW)."""
 
-def permission_message(interface: str) -> str:
-    """One line telling how to grant what a packet socket needs."""
+def permission_message(interface: str, platform: str = sys.platform) -> str:
+    """One line telling how this platform grants what capturing needs."""
+    if platform == "darwin" or "bsd" in platform:
+        return (f"cannot capture on {interface}: permission denied, capturing needs read access to /dev/bpf*; "
+                f"run with sudo, or give your group access to the BPF devices (on macOS: Wireshark's "
+                f"ChmodBPF package)")
+    if platform == "win32":
+        return (f"cannot capture on {interface}: permission denied; install Npcap, and run as Administrator "
+                f"if Npcap was installed for administrators only")
     python = os.path.realpath(sys.executable)
     return (f"cannot capture on {interface}: permission denied, a packet socket needs CAP_NET_RAW; "
             f"run as root (sudo), or grant it once with 'sudo setcap cap_net_raw,cap_net_admin+eip {python}', "
             f"or in a container add 'cap_add: [NET_RAW, NET_ADMIN]' (docker compose)")
+
 
 class _CapabilityHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]

@@ -1,24 +1,41 @@
-"""Replaying a capture file (pcap or pcapng): as fast as possible or at its recorded pace, once or in a loop."""
+"""Replaying a capture (pcap or pcapng): a file as fast as possible or at its recorded pace, once or in a loop;
+or a stream on standard input (``-``) as it arrives."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
 import logging
 import math
+import os
+import select
+import stat
 import threading
 import time
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 from .frames import FrameBatch, SourceError
-from .pcap import PCAP_MAGICS, read_pcap
-from .pcapng import PCAPNG_MAGIC, read_pcapng
+from .pcap import NO_LINK_TYPE, PCAP_MAGICS, read_pcap, read_pcap_stream
+from .pcapng import PCAPNG_MAGIC, file_chunks, read_pcapng
 
 log = logging.getLogger(__name__)
 
 # A loop over a file without a time span (one frame, or one timestamp) replays it once a second.
 LOOP_PERIOD_WITHOUT_SPAN_SECONDS = 1.0
 
+STDIN = "-"  # the name that means the stream on standard input
+
+# A stream that sends nothing for this long yields an empty batch: housekeeping, and a look at `stop`.
+STREAM_IDLE_SECONDS = 0.5
+
+STREAM_READ = 1 << 20  # bytes asked of one read of a stream
+
+PIPE_BYTES = 1 << 20  # a pipe on standard input is grown to this: fewer, larger reads of a fast stream
+
 
 class PcapSource:
-    """Replay a pcap or pcapng file, as fast as possible or at its recorded pace, once or in a loop.
+    """Replay a pcap or pcapng file, as fast as possible or at its recorded pace, once or in a loop;
+    or, named ``-``, the stream on standard input, as it arrives and once.
 
     A file without frames ends the replay, loop or not, with a warning.
     """
@@ -26,23 +43,38 @@ class PcapSource:
     kind = "pcap"
     restartable = False  # read again, the file would be counted twice
 
-    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False):
+    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False, stream_fd: int = 0):
         self.name = path
         self.realtime = realtime
         self.loop = loop
+        self.stream = path == STDIN
+        self.size: Optional[int] = None  # of the file, in bytes; None for a stream
+        self._stream_fd = stream_fd
+        self._streamed: Optional[int] = None  # bytes read from the stream; None before it is read
+        self._tell = lambda: 0
         self._warned_empty = False
-        self._open().close()  # fail at start-up, not in the capture thread, on a missing or foreign file
+        if self.stream:
+            _prepare_stream(stream_fd, path)
+        else:
+            with self._open() as file:  # fail at start-up, not in the capture thread, on a missing or foreign file
+                self.size = os.fstat(file.fileno()).st_size
 
     def kernel_dropped(self) -> int:
         return 0
 
+    def bytes_read(self) -> int:
+        """How far into its file or stream the replay has read."""
+        return self._tell()
+
     def batches(self, stop: threading.Event) -> Iterator[FrameBatch]:
-        """Every frame of the file, once or pass after pass until ``stop``; paced if realtime."""
+        """Every frame of the file, once or pass after pass until ``stop``; paced if realtime.
+
+        From a stream: its frames as they arrive, and an empty batch whenever it idles, until it ends.
+        """
         pace = _Pace(stop) if self.realtime else None
         while True:
             frames = 0
-            with self._open() as file:
-                batches = _read_frames(file, self.name, timestamps=self.realtime)
+            with self._reading() as batches:
                 if pace is not None:
                     batches = pace.release(batches)
                 for batch in batches:
@@ -57,6 +89,41 @@ class PcapSource:
                 return
             if not self.loop or stop.is_set():
                 return
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Iterator[FrameBatch]]:
+        """The batches of one pass over the input."""
+        if self.stream:
+            if self._streamed is not None:
+                raise SourceError(f"{self.name}: a stream can be read only once")
+            self._streamed = 0
+            self._tell = lambda: self._streamed
+            yield _read_stream(self._stream_chunks(), self.name, timestamps=self.realtime)
+            return
+        with self._open() as file:
+            self._tell = file.tell
+            try:
+                yield _read_frames(file, self.name, timestamps=self.realtime)
+            finally:
+                self._tell = lambda: self.size
+
+    def _stream_chunks(self) -> Iterator[Optional[bytes]]:
+        """What the stream has for us at each read, or None after STREAM_IDLE_SECONDS without; until it ends."""
+        poller = select.poll()
+        poller.register(self._stream_fd, select.POLLIN)
+        idle_ms = int(STREAM_IDLE_SECONDS * 1000)
+        while True:
+            if not poller.poll(idle_ms):
+                yield None
+                continue
+            try:
+                chunk = os.read(self._stream_fd, STREAM_READ)
+            except OSError as error:
+                raise SourceError(f"{self.name}: cannot read standard input: {error.strerror}") from None
+            if not chunk:
+                return
+            self._streamed += len(chunk)
+            yield chunk
 
     def _open(self):
         try:
@@ -73,9 +140,42 @@ class PcapSource:
 def _read_frames(file: BinaryIO, path: str, timestamps: bool) -> Iterator[FrameBatch]:
     if file.read(4) == PCAPNG_MAGIC:
         file.seek(0)
-        return read_pcapng(file, path, timestamps)
+        return read_pcapng(file_chunks(file), path, timestamps)
     file.seek(0)
     return read_pcap(file, path, timestamps)
+
+def _read_stream(chunks: Iterator[Optional[bytes]], name: str, timestamps: bool) -> Iterator[FrameBatch]:
+    """The frames of a pcap or pcapng stream as they arrive, told apart by its first bytes."""
+    head = b""
+    for chunk in chunks:
+        if chunk is None:
+            yield FrameBatch.empty(NO_LINK_TYPE)
+            continue
+        head += chunk
+        if len(head) >= 4:
+            break
+    if not head:
+        raise SourceError(f"{name}: empty stream (it ended before anything arrived)")
+    chunks = itertools.chain([head], chunks)
+    if head[:4] == PCAPNG_MAGIC:
+        yield from read_pcapng(chunks, name, timestamps, stream=True)
+    elif head[:4] in PCAP_MAGICS:
+        yield from read_pcap_stream(chunks, name, timestamps)
+    else:
+        raise SourceError(f"{name}: not a pcap or pcapng stream (write one with tcpdump -U -w - or dumpcap -w -)")
+
+def _prepare_stream(fd: int, name: str) -> None:
+    """Refuse a terminal (nothing was piped in) and grow a pipe, at start-up."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as error:
+        raise SourceError(f"{name}: cannot read standard input: {error.strerror}") from None
+    if os.isatty(fd):
+        raise SourceError(f"{name}: standard input is a terminal; pipe a capture into it, "
+                          f"e.g. tcpdump -U -w - | traffic-exporter --pcap -")
+    if stat.S_ISFIFO(mode) and hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux
+        with contextlib.suppress(OSError):  # a larger pipe is only faster; the system may refuse it
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 class _Pace:
     """Releases frames at their recorded pace, pass after pass of a loop.

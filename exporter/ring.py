@@ -40,43 +40,25 @@ from .walk import chained_records
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 0.5
-
-RING_BYTES = 16 << 20  # kernel memory mapped into the process; ~50k frames of headers
-
 RING_BLOCK_BYTES = 4 << 20  # one block -> one batch: up to ~12k frames of headers
-
 MINIMUM_RING_BYTES = 4 << 20  # the smallest ring asked for when the kernel is short of memory
-
 MINIMUM_RING_BLOCKS = 8
-
 RING_RETIRE_MS = 250  # a block is handed over after this long even if not full (tcpdump: 1000)
 
 # <linux/if_ether.h>, <linux/if_packet.h>
-# <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>
 ETH_P_ALL = 0x0003
-
 SOL_PACKET = 263
-
 PACKET_RX_RING = 5
-
 PACKET_STATISTICS = 6
-
 PACKET_FANOUT = 18
-
 PACKET_FANOUT_HASH = 0  # by the flow's symmetric hash: both directions of a flow go to one socket
-
 PACKET_FANOUT_FLAG_DEFRAG = 0x8000  # fragments are hashed whole, with their flow
-
 PACKET_VERSION = 10
 
 TPACKET_V3 = 2
-
 PACKET_OUTGOING = 4
-
 TP_STATUS_KERNEL = 0
-
 TP_STATUS_USER = 0x1
-
 TP_STATUS_VLAN_VALID = 0x10
 
 TPACKET_REQ3 = struct.Struct("=7I")  # block size, block count, frame size, frame count, retire ms, priv size, features
@@ -85,9 +67,7 @@ TPACKET_STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cn
 
 # struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1 from offset 8
 BLOCK_STATUS = struct.Struct("=I")  # block_status, at BLOCK_STATUS_OFFSET
-
 BLOCK_STATUS_OFFSET = 8
-
 BLOCK_PACKETS = struct.Struct("=4xII")  # num_pkts, offset_to_first_pkt, from BLOCK_STATUS_OFFSET
 
 # struct tpacket3_hdr (48 bytes): tp_next_offset, tp_sec, tp_nsec, then these, native order
@@ -96,11 +76,8 @@ HEADER_SNAPLEN, HEADER_LENGTH, HEADER_STATUS, HEADER_MAC, HEADER_VLAN_TCI = 12, 
 # struct sockaddr_ll, at TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) after each frame's header:
 # family, protocol (network order), ifindex, hatype, pkttype
 SOCKADDR_LL_OFFSET = 48
-
 SOCKADDR_PROTOCOL, SOCKADDR_IFINDEX, SOCKADDR_PKTTYPE = 2, 4, 10
-
 SOCKADDR_LL_END = SOCKADDR_LL_OFFSET + 20
-
 RAW_LINK_TYPES = {ARPHRD_ETHER: LINKTYPE_ETHERNET, ARPHRD_LOOPBACK: LINKTYPE_ETHERNET,
                   ARPHRD_RAWIP: LINKTYPE_RAW, ARPHRD_NONE: LINKTYPE_RAW}
 
@@ -184,7 +161,7 @@ class LiveSource:
     kind = "live"
     restartable = True  # after an error the socket is opened again: nothing is counted twice
 
-    def __init__(self, interface: str, bpf_filter: str = "", *, ring_bytes: int = RING_BYTES,
+    def __init__(self, interface: str, bpf_filter: str = "", *, ring_bytes: int,
                  fanout_group: Optional[int] = None):
         self.name = interface
         self.filter = bpf_filter

@@ -17,6 +17,7 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from compat_api.app import create_app
 from compat_api.history import History
 
+from .addresses import ServerAddresses
 from .capture import Capture
 from .collector import build_registry
 from .config import Config, ConfigError
@@ -35,22 +36,23 @@ def run_serve(config: Config) -> int:
     """Build, start, serve, stop; returns the exit code."""
     if config.demo:
         print_demo_urls(config.listen_host, config.listen_port, sys.stdout)
-    source, servers = open_source(config)
-    counter, tally = counting(config, servers)
-    capture = Capture(source, tally, counter, capture_filter=config.filter)
+    capturing = open_source(config)
+    counter, tally = counting(config, capturing.servers)
+    capture = Capture(capturing.source, tally, counter, capture_filter=config.filter)
+    servers = ServerAddresses(capturing.servers, capturing.follow, on_change=counter.set_servers)
     history = History(tally, config.history_seconds)
     saver = _restore_state(config, tally, history)
-    server = _http_server(config, tally, capture, history, servers.addresses)
+    server = _http_server(config, tally, capture, history, servers)
     if config.user:
         _become(config.user)
     _stop_on_signals()
     # The start-up objects (Scapy, Flask, ...) are kept for good: out of the collector's full scans.
     gc.freeze()
-    running = [capture, history] + ([saver] if saver else [])
+    running = [capture, history, servers] + ([saver] if saver else [])
     for part in running:
         part.start()
     log.info("capturing %s for servers %s; serving http://%s/metrics and the REST API",
-             capture.status().description, ", ".join(servers.addresses), config.listen)
+             capture.status().description, ", ".join(servers.addresses()), config.listen)
     try:
         server.run()
     finally:
@@ -72,10 +74,11 @@ def _restore_state(config: Config, tally: Tally, history: History) -> Optional[P
 
 
 def _http_server(config: Config, tally: Tally, capture: Capture, history: History,
-                 servers: tuple[str, ...]) -> BoundedServer:
+                 servers: ServerAddresses) -> BoundedServer:
     """``/metrics`` and the REST API on one listening socket, behind basic auth when configured."""
-    app: Callable = DispatcherMiddleware(create_app(history, capture.status, servers, config.cors_origins),
-                                         {"/metrics": make_wsgi_app(build_registry(tally, capture.status))})
+    app: Callable = DispatcherMiddleware(
+        create_app(history, capture.status, servers.addresses, config.cors_origins),
+        {"/metrics": make_wsgi_app(build_registry(tally, capture.status, servers.addresses))})
     if config.web_config:
         app = BasicAuthMiddleware(app, load_web_config(config.web_config))
     try:

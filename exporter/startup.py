@@ -25,6 +25,7 @@ class Capturing(NamedTuple):
 
     source: Source
     servers: ServerSet
+    follow: Optional[str] = None  # the interface whose addresses the servers are (they may change)
 
 
 def open_source(config: Config) -> Capturing:
@@ -62,12 +63,11 @@ def _open_live(config: Config) -> Capturing:
     from .bpf import FilterError
     from .interfaces import InterfaceNotFound, default_interface, server_addresses
     from .privileges import CapturePermissionError
-    from .ring import FanoutError, LiveSource
+    from .ring import FanoutError
 
     try:
         interface = config.interface or default_interface()
-        source = LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20,
-                            fanout_group=config.fanout_group)
+        source = _live_source(config, interface)
     except InterfaceNotFound as error:
         raise ConfigError(f"--interface: {error}") from None
     except FilterError as error:
@@ -80,7 +80,20 @@ def _open_live(config: Config) -> Capturing:
     if not servers:
         raise ConfigError(f"--server-ip: {interface} has no IPv4 or global IPv6 address to count traffic for; "
                           f"give --server-ip")
-    log.info("live capture on %s%s, server addresses %s%s", interface,
-             "" if config.interface else " (holds the default route)", ", ".join(servers.addresses),
+    log.info("live capture on %s%s through %s, server addresses %s%s", interface,
+             "" if config.interface else " (holds the default route)", config.live_backend(),
+             ", ".join(servers.addresses),
              "" if config.server_ips else f" (those of {interface})")
-    return Capturing(source, servers)
+    return Capturing(source, servers, None if config.server_ips else interface)
+
+
+def _live_source(config: Config, interface: str) -> Source:
+    """The TPACKET_V3 ring (Linux) or libpcap, as ``--capture-backend`` says."""
+    if config.live_backend() == "libpcap":
+        from .libpcap import LibpcapSource
+
+        return LibpcapSource(interface, config.filter, buffer_bytes=config.capture_buffer_mib << 20)
+    from .ring import LiveSource
+
+    return LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20,
+                      fanout_group=config.fanout_group)

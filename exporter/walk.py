@@ -2,14 +2,16 @@
 
 No array code can find them, since each record's place depends on the length in the one before it,
 and a Python loop costs ~300 ns a record on a small machine. ``native/walk.c``, built by
-``scripts/install.sh`` into ``native/walk.so``, walks them at memory speed; without it (no compiler
-on the machine) the same loops run in Python, and the exporter says so once.
+``scripts/install.sh`` into ``native/walk.so`` (or by a package install, named with Python's
+extension suffix), walks them at memory speed; without it (no compiler on the machine) the same
+loops run in Python, and the exporter says so once.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
 import struct
+import sysconfig
 from pathlib import Path
 from typing import Optional
 
@@ -17,22 +19,26 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-LIBRARY = Path(__file__).resolve().parent / "native" / "walk.so"
+NATIVE = Path(__file__).resolve().parent / "native"
+# scripts/install.sh builds walk.so in a clone; pip builds it as an extension (walk.cpython-311-x86_64-linux-gnu.so).
+LIBRARIES = (NATIVE / "walk.so", NATIVE / f"walk{sysconfig.get_config_var('EXT_SUFFIX')}")
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    try:
-        library = ctypes.CDLL(str(LIBRARY))
-    except OSError:
-        log.info("%s is not built (scripts/install.sh builds it): walking capture records in Python, "
-                 "several times slower", LIBRARY.name)
-        return None
-    library.pcap_records.restype = ctypes.c_long
-    library.pcap_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
-                                     ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
-    library.chained_records.restype = None
-    library.chained_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
-    return library
+    for path in LIBRARIES:
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        library.pcap_records.restype = ctypes.c_long
+        library.pcap_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
+                                         ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+        library.chained_records.restype = None
+        library.chained_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+        return library
+    log.info("walk.so is not built (scripts/install.sh builds it): walking capture records in Python, "
+             "several times slower")
+    return None
 
 
 _native = _load()
@@ -41,6 +47,11 @@ _native = _load()
 def native() -> bool:
     """Whether the records are walked by the compiled walker."""
     return _native is not None
+
+
+def native_library() -> Optional[ctypes.CDLL]:
+    """The compiled helpers (also ``collect_frame``, for libpcap), or None when they are not built."""
+    return _native
 
 
 def _address(buffer) -> int:

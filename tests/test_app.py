@@ -79,7 +79,7 @@ def build_history(tally: Tally, seconds: int = 300) -> History:
 
 def make_client(history: History, status: CaptureStatus = CaptureStatus("pcap", "x.pcap"),
                 servers: tuple[str, ...] = (SERVER,), cors_origins: tuple[str, ...] = ("*",)):
-    return create_app(history, lambda: status, servers, cors_origins).test_client()
+    return create_app(history, lambda: status, lambda: servers, cors_origins).test_client()
 
 
 @pytest.fixture

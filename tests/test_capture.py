@@ -111,8 +111,8 @@ def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatc
     assert status.frames == 601 + 1 == sum(tally.snapshot().results.values())
     assert status.error is None and not status.running
     # both readers still answer, and show the restart
-    assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally, capture.status))
-    assert create_app(History(tally, 60), capture.status, ("131.151.32.21",)).test_client().get("/").status_code == 200
+    assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally, capture.status, lambda: ()))
+    assert create_app(History(tally, 60), capture.status, lambda: ("131.151.32.21",)).test_client().get("/").status_code == 200
 
 
 @pytest.mark.parametrize("loop", [False, True], ids=["once", "loop"])

@@ -110,7 +110,7 @@ def test_make_demo_pcap_rebuilds_the_bundled_file_byte_for_byte(tmp_path):
 @pytest.fixture
 def client():
     status = CaptureStatus("pcap", str(DEMO_PCAP))
-    return create_app(History(Tally(), 300), lambda: status, DEMO_SERVER_IPS).test_client()
+    return create_app(History(Tally(), 300), lambda: status, lambda: DEMO_SERVER_IPS).test_client()
 
 
 def test_dashboard_is_an_html_page_that_loads_only_local_assets(client):

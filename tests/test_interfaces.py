@@ -59,6 +59,6 @@ def test_server_addresses_for_any_cover_every_interface_but_loopback(monkeypatch
 def test_a_missing_interface_is_a_source_error_naming_the_ones_that_exist(monkeypatch):
     ring = fake_interfaces(monkeypatch)
     with pytest.raises(SourceError, match=r"no interface named 'eth9' \(available: eth0, lo, wg0, any\)"):
-        ring.LiveSource("eth9")
+        ring.LiveSource("eth9", ring_bytes=4 << 20)
     with pytest.raises(interfaces.InterfaceNotFound):
         interfaces.server_addresses("eth9")

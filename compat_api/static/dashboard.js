@@ -1,4 +1,4 @@
-// Browser client of the legacy REST API (compat_api/API.md). No build step, no dependencies.
+// Browser client of the legacy REST API (compat_api/openapi.json, docs/architecture.md). No build step, no dependencies.
 // Every URL is relative to the page, so the dashboard also works behind a reverse proxy's path prefix.
 "use strict";
 

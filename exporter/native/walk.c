@@ -1,8 +1,10 @@
-/* Walks chains of length-prefixed records, which no array code can: where each record starts
- * depends on the length in the one before it. Built by scripts/install.sh; exporter/walk.py loads it
- * with ctypes and falls back to the same loops in Python when it is missing. */
+/* The per-frame loops no array code can do: walking chains of length-prefixed records (where each
+ * record starts depends on the length in the one before it), and collecting the frames libpcap hands
+ * over one callback at a time. Built by scripts/install.sh; exporter/walk.py and exporter/libpcap.py
+ * load it with ctypes and fall back to the same loops in Python when it is missing. */
 #include <stdint.h>
 #include <string.h>
+#include <sys/time.h>
 
 static inline uint32_t load32(const uint8_t *at, int swapped) {
     uint32_t value;
@@ -41,4 +43,41 @@ void chained_records(const uint8_t *buf, long first, long count, int64_t *offset
         offsets[index] = position;
         position += load32(buf + position, 0);
     }
+}
+
+/* libpcap's pcap_pkthdr */
+struct packet_header {
+    struct timeval ts;
+    uint32_t captured;
+    uint32_t length;
+};
+
+/* Where collect_frame puts the frames of one pcap_dispatch: their bytes one after the other, and
+ * per frame its start, end, length on the wire and timestamp. */
+struct collected {
+    uint8_t *data;
+    long capacity;
+    long used;
+    long limit;
+    long count;
+    int64_t *starts;
+    int64_t *ends;
+    int64_t *wire_lengths;
+    double *timestamps;
+};
+
+/* A pcap_handler: copies each frame libpcap hands over into a `struct collected` (the user
+ * argument), so that a whole dispatch is collected without calling back into Python. A frame that
+ * does not fit (the caller asks for no more than fit) is left out. */
+void collect_frame(uint8_t *user, const struct packet_header *header, const uint8_t *bytes) {
+    struct collected *into = (struct collected *)user;
+    if (into->count >= into->limit || into->used + (long)header->captured > into->capacity)
+        return;
+    memcpy(into->data + into->used, bytes, header->captured);
+    into->starts[into->count] = into->used;
+    into->ends[into->count] = into->used + header->captured;
+    into->wire_lengths[into->count] = header->length;
+    into->timestamps[into->count] = (double)header->ts.tv_sec + (double)header->ts.tv_usec / 1e6;
+    into->used += header->captured;
+    into->count++;
 }
