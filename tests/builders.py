@@ -1,8 +1,12 @@
-"""Small builders shared by the unit tests."""
+"""Constants and small builders shared by the tests (pytest discourages importing conftest)."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Mapping, Optional
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, IPOption_Timestamp
@@ -11,10 +15,39 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from exporter.classify import DEFAULT_PORT_LABELS, protocol_labels
+from exporter.classify import DEFAULT_PORT_LABELS, DIRECTIONS, protocol_labels
 from exporter.clients import BatchCounts, ClientGrouping, counts_from_mapping
+from exporter.decode import (LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2,
+                             LINKTYPE_NULL, LINKTYPE_RAW, LINKTYPE_RAW_12, LINKTYPE_RAW_14)
+from exporter.frames import Frame, FrameBatch
 
 LABELS = protocol_labels(DEFAULT_PORT_LABELS)
+
+# tcpdump's test captures, and what an independent oracle counted in each (tests/data/README.md)
+CORPUS = Path(__file__).absolute().parent / "data" / "corpus"
+CORPUS_PCAPS = CORPUS / "pcaps"
+AFS_PCAP = CORPUS_PCAPS / "afs.pcap"  # 601 Ethernet frames: 4 clients of one server, 12 frames of other hosts
+AFS_SERVER = "131.151.32.21"
+
+MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}  # given: Scapy would look them up on the network
+LINKTYPE_USER0 = 147  # reserved for private use: a link type the exporter does not decode
+
+
+def expected_summary(capture_name: str) -> dict:
+    """The oracle's accounting of the corpus capture ``capture_name``."""
+    return json.loads((CORPUS / "expected" / f"{capture_name}.json").read_text())
+
+
+def summarize(*args) -> subprocess.CompletedProcess:
+    """Run ``python -m exporter summarize`` with ``args``."""
+    return subprocess.run([sys.executable, "-m", "exporter", "summarize", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def frame_of(packet) -> Frame:
+    """A captured frame, whole on the wire, from a Scapy packet."""
+    data = bytes(packet)
+    return Frame(len(data), data)
 
 
 def batch_counts(entries: Mapping[tuple, tuple[int, int]], ignored: Optional[dict] = None,
@@ -35,7 +68,6 @@ def batch_counts(entries: Mapping[tuple, tuple[int, int]], ignored: Optional[dic
 
 def frames_of(batch) -> list:
     """The frames of a batch, copied out of its buffer."""
-    from exporter.frames import Frame
     return [Frame(wire, bytes(batch.buffer[start:end]))
             for start, end, wire in zip(batch.starts.tolist(), batch.ends.tolist(), batch.wire_lengths.tolist())]
 
@@ -45,18 +77,16 @@ def spans_of(batch) -> list[tuple[int, int, int]]:
     return list(zip(batch.starts.tolist(), batch.ends.tolist(), batch.wire_lengths.tolist()))
 
 
-def count_frames(frames, servers, link_type: int = 1, grouping: Optional[ClientGrouping] = None) -> BatchCounts:
+def count_frames(frames, servers, link_type: int = LINKTYPE_ETHERNET,
+                 grouping: Optional[ClientGrouping] = None) -> BatchCounts:
     """What the counting engine sums of ``frames`` (``Frame``s of ``link_type``) for ``servers``."""
-    from exporter.classify import DEFAULT_PORT_LABELS
     from exporter.engine import FrameCounter
-    from exporter.frames import FrameBatch
     counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, grouping)
     return counter.count(FrameBatch.of(link_type, frames))
 
 
 def sums_of(counts: BatchCounts, grouping: Optional[ClientGrouping] = None) -> dict:
     """``{(client label, direction, protocol): [bytes, packets]}`` of the engine's sums (rows added up)."""
-    from exporter.classify import DIRECTIONS
     grouping = grouping or ClientGrouping()
     sums: dict = {}
     for key, cells in zip(zip(counts.family.tolist(), counts.hi.tolist(), counts.lo.tolist()), counts.counts):
@@ -123,22 +153,22 @@ def random_frame(rng: random.Random) -> tuple[int, bytes]:
     version = 4 if ethertype == 0x0800 else 6
     link = rng.choice(["ether", "vlan", "qinq", "sll", "sll2", "null", "raw", "raw_family"])
     if link == "ether":
-        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / network)
+        return LINKTYPE_ETHERNET, bytes(Ether(**MACS) / network)
     if link == "vlan":
-        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=rng.randrange(4096)) / network)
+        return LINKTYPE_ETHERNET, bytes(Ether(**MACS) / Dot1Q(vlan=rng.randrange(4096)) / network)
     if link == "qinq":
         tags = Dot1AD(vlan=rng.randrange(4096)) / Dot1Q(vlan=rng.randrange(4096))
         if rng.random() < 0.5:
             tags = tags / Dot1Q(vlan=rng.randrange(4096))
-        return 1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / tags / network)
+        return LINKTYPE_ETHERNET, bytes(Ether(**MACS) / tags / network)
     if link == "sll":
-        return 113, bytes(CookedLinux(pkttype=rng.randrange(5), proto=ethertype) / network)
+        return LINKTYPE_LINUX_SLL, bytes(CookedLinux(pkttype=rng.randrange(5), proto=ethertype) / network)
     if link == "sll2":
-        return 276, bytes(CookedLinuxV2(pkttype=rng.randrange(5), proto=ethertype) / network)
+        return LINKTYPE_LINUX_SLL2, bytes(CookedLinuxV2(pkttype=rng.randrange(5), proto=ethertype) / network)
     if link == "null":
         family = 2 if version == 4 else rng.choice([24, 28, 30])
         order = rng.choice(["little", "big"])
-        return 0, family.to_bytes(4, order) + bytes(network)
+        return LINKTYPE_NULL, family.to_bytes(4, order) + bytes(network)
     if link == "raw":
-        return rng.choice([12, 14, 101]), bytes(network)
-    return (228 if version == 4 else 229), bytes(network)
+        return rng.choice([LINKTYPE_RAW_12, LINKTYPE_RAW_14, LINKTYPE_RAW]), bytes(network)
+    return (LINKTYPE_IPV4 if version == 4 else LINKTYPE_IPV6), bytes(network)

@@ -5,7 +5,6 @@ import random
 import shutil
 import struct
 import subprocess
-import sys
 import threading
 import time
 from typing import Optional
@@ -20,11 +19,9 @@ from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_RAW
 from exporter.frames import Frame, FrameBatch
 from exporter import replay
 from exporter.replay import PcapSource
-from tests.builders import frames_of, timestamps_of
+from tests.builders import CORPUS_PCAPS, MACS, frames_of, timestamps_of
 
-CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
-
-CORPUS_PCAPNG = sorted(CORPUS.glob("*.pcapng"))
+CORPUS_PCAPNG = sorted(CORPUS_PCAPS.glob("*.pcapng"))
 
 # pcapng block types and options, as the spec (draft-ietf-opsawg-pcapng) numbers them
 SECTION_HEADER, INTERFACE, OBSOLETE_PACKET, SIMPLE_PACKET = 0x0A0D0D0A, 1, 2, 3
@@ -33,9 +30,9 @@ NAME_RESOLUTION, INTERFACE_STATISTICS, ENHANCED_PACKET, CUSTOM = 4, 5, 6, 0x0000
 
 OPT_END, OPT_COMMENT, IF_NAME, IF_TSRESOL, IF_TSOFFSET, EPB_FLAGS = 0, 1, 2, 9, 14, 2
 
-LINKTYPE_USER0 = 147
-
-MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}  # given: Scapy would look them up on the network
+def pcap_header(link_type: int) -> bytes:
+    """A classic pcap file header: little-endian, microseconds, version 2.4, snaplen 65535."""
+    return struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, link_type)
 
 def scapy_records(path: pathlib.Path) -> list[tuple[Optional[float], Frame]]:
     """An oracle: (timestamp, frame) of every record as Scapy's raw readers see them."""
@@ -207,10 +204,6 @@ def udp_frames(count: int) -> list:
             network = IPv6(src=f"2001:db8::{2 + index % 4}", dst="2001:db8::1")
         frames.append(Ether(**MACS) / network / UDP(sport=40000 + index, dport=53) / bytes(index % 90))
     return frames
-
-def summarize(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter", "summarize", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
 
 def paced_file(tmp_path: pathlib.Path, gaps: list[float]) -> pathlib.Path:
     packets = [Ether(**MACS) / IP(src="192.0.2.2", dst="192.0.2.1") / UDP() for _ in range(len(gaps) + 1)]

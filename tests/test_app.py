@@ -22,36 +22,29 @@ from exporter.frames import Frame
 from exporter.replay import PcapSource
 from exporter.engine import FrameCounter
 from exporter.tally import Tally
-from tests.builders import count_frames
+from tests.builders import CORPUS_PCAPS, MACS, count_frames, expected_summary, frame_of
 
 SERVER = "192.0.2.1"
 LABELS = list(protocol_labels(DEFAULT_PORT_LABELS))
-CORPUS = Path(__file__).parent / "data" / "corpus"
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
 ENDPOINTS = ["/", "/traffic", "/protocols", "/traffic_history"]
 SECONDS_ENDPOINTS = ["/traffic", "/protocols", "/traffic_history"]
 
 
-def frame(packet) -> Frame:
-    """A captured Ethernet frame (link type 1) built with Scapy."""
-    data = bytes(packet)
-    return Frame(len(data), data)
-
-
 def tcp_in(client: str, port: int, size: int = 0) -> Frame:
-    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=port) / (b"x" * size))
+    return frame_of(Ether(**MACS) / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=port) / (b"x" * size))
 
 
 def tcp_out(client: str, port: int, size: int = 0) -> Frame:
-    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=SERVER, dst=client) / TCP(sport=port, dport=40000) / (b"x" * size))
+    return frame_of(Ether(**MACS) / IP(src=SERVER, dst=client) / TCP(sport=port, dport=40000) / (b"x" * size))
 
 
 def udp_out(client: str, port: int, size: int = 0) -> Frame:
-    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=SERVER, dst=client) / UDP(sport=port, dport=40000) / (b"x" * size))
+    return frame_of(Ether(**MACS) / IP(src=SERVER, dst=client) / UDP(sport=port, dport=40000) / (b"x" * size))
 
 
 def not_server() -> Frame:
-    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="203.0.113.1", dst="203.0.113.2") / UDP(sport=1, dport=2))
+    return frame_of(Ether(**MACS) / IP(src="203.0.113.1", dst="203.0.113.2") / UDP(sport=1, dport=2))
 
 
 def feed(tally: Tally, frames: list[Frame]) -> None:
@@ -83,8 +76,8 @@ def make_client(history: History, status: CaptureStatus = CaptureStatus("pcap", 
 
 
 @pytest.fixture
-def client():
-    return make_client(build_history(Tally()))
+def client(tally):
+    return make_client(build_history(tally))
 
 
 @pytest.fixture
@@ -98,9 +91,9 @@ def is_count(value) -> bool:
 
 # --- GET / ---------------------------------------------------------------------------------------
 
-def test_index_reports_servers_and_capture_health():
+def test_index_reports_servers_and_capture_health(tally):
     status = CaptureStatus("pcap", "x.pcap", running=True, frames=5, kernel_dropped=3)
-    response = make_client(build_history(Tally()), status, servers=(SERVER, "2001:db8::1")).get("/")
+    response = make_client(build_history(tally), status, servers=(SERVER, "2001:db8::1")).get("/")
     assert response.status_code == 200
     assert response.mimetype == "application/json"
     body = response.get_json()
@@ -112,9 +105,9 @@ def test_index_reports_servers_and_capture_health():
     assert body["capture"] == {"running": True, "source": "pcap:x.pcap", "error": None, "packets": 5, "dropped": 3}
 
 
-def test_index_reports_capture_error():
+def test_index_reports_capture_error(history):
     status = CaptureStatus("live", "eth0", error="permission denied")
-    body = make_client(History(Tally(), 10), status).get("/").get_json()
+    body = make_client(history, status).get("/").get_json()
     assert body["capture"]["error"] == "permission denied"
     assert body["capture"]["running"] is False
     assert body["capture"]["source"] == "live:eth0"
@@ -161,9 +154,7 @@ def test_traffic_gives_bytes_per_client_direction_and_protocol(client):
         assert sum(entry["protocols"].values()) == entry["total"]
 
 
-def test_traffic_sorts_by_total_descending_then_ip():
-    tally = Tally()
-    history = History(tally, 10)
+def test_traffic_sorts_by_total_descending_then_ip(tally, history):
     feed(tally, [tcp_in("198.51.100.9", 80, 10), tcp_in("198.51.100.10", 80, 10),
                  tcp_in("198.51.100.2", 80, 500), tcp_in("198.51.100.100", 80, 1)])
     history.tick(1000)
@@ -176,9 +167,7 @@ def test_traffic_limit_keeps_the_biggest_clients(client):
     assert [c["ip"] for c in clients] == ["198.51.100.10"]
 
 
-def test_traffic_default_limit_is_ten():
-    tally = Tally()
-    history = History(tally, 10)
+def test_traffic_default_limit_is_ten(tally, history):
     feed(tally, [tcp_in(f"198.51.100.{n}", 80, n) for n in range(1, 31)])
     history.tick(1000)
     client = make_client(history)
@@ -198,8 +187,8 @@ def test_window_is_capped_by_the_seconds_available(client):
     assert client.get("/protocols?seconds=3").get_json()["window"] == 3
 
 
-def test_empty_history_gives_empty_views():
-    client = make_client(History(Tally(), 10))
+def test_empty_history_gives_empty_views(history):
+    client = make_client(history)
     assert client.get("/traffic").get_json()["clients"] == []
     assert client.get("/traffic").get_json()["window"] == 0
     assert client.get("/traffic_history").get_json()["buckets"] == []
@@ -224,8 +213,7 @@ def test_protocols_lists_every_label_sorted_by_bytes(client):
     assert all(0 <= row["share"] <= 1 for row in rows)
 
 
-def test_protocols_share_is_zero_without_traffic():
-    history = History(Tally(), 10)
+def test_protocols_share_is_zero_without_traffic(history):
     history.tick(1000)
     body = make_client(history).get("/protocols").get_json()
     assert body["total_bytes"] == 0
@@ -355,8 +343,8 @@ def test_cors_allows_any_origin_by_default(client):
     assert response.headers["Access-Control-Allow-Origin"] in ("*", "https://grafana.example")
 
 
-def test_cors_allows_only_configured_origins():
-    client = make_client(build_history(Tally()), cors_origins=("https://ok.example",))
+def test_cors_allows_only_configured_origins(tally):
+    client = make_client(build_history(tally), cors_origins=("https://ok.example",))
     allowed = client.get("/protocols", headers={"Origin": "https://ok.example"})
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://ok.example"
     refused = client.get("/protocols", headers={"Origin": "https://evil.example"})
@@ -406,10 +394,9 @@ def test_responses_match_the_openapi_schemas(client, openapi_components, path, s
 
 # --- a real capture ------------------------------------------------------------------------------
 
-def test_replayed_pcap_matches_the_oracle():
-    expected = json.loads((CORPUS / "expected" / "mptcp-v0.pcap.json").read_text())
-    tally = Tally()
-    source = PcapSource(str(CORPUS / "pcaps" / "mptcp-v0.pcap"))
+def test_replayed_pcap_matches_the_oracle(tally):
+    expected = expected_summary("mptcp-v0.pcap")
+    source = PcapSource(str(CORPUS_PCAPS / "mptcp-v0.pcap"))
     counter = FrameCounter(ServerSet(expected["servers"]), DEFAULT_PORT_LABELS, LABELS)
     for batch in source.batches(threading.Event()):
         tally.record(counter.count(batch))

@@ -9,6 +9,7 @@ from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 
 from exporter.bpf import CAPTURE_SNAPLEN, SKF_AD_OFF, SKF_AD_PKTTYPE, SKF_AD_PROTOCOL, FilterError, adapt_bpf_for_kernel, compile_bpf
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, decode_frame
+from tests.builders import MACS
 
 
 def test_compile_bpf_reports_the_compiler_message():
@@ -22,7 +23,7 @@ def test_adapt_bpf_keeps_the_capture_snaplen_of_accepted_frames():
 
 def test_capture_snaplen_holds_every_header_the_decoder_reads():
     # QinQ, IPv6 with 136 bytes of extension headers, TCP: cut to the snap length, it decodes the same.
-    frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1AD(vlan=1) / Dot1Q(vlan=2) / IPv6(src="fd00::2", dst="fd00::1")
+    frame = bytes(Ether(**MACS) / Dot1AD(vlan=1) / Dot1Q(vlan=2) / IPv6(src="fd00::2", dst="fd00::1")
                   / IPv6ExtHdrHopByHop(options=[PadN(optdata=b"\0" * 62)]) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 62)])
                   / TCP(sport=40000, dport=443) / (b"x" * 1000))
     assert decode_frame(LINKTYPE_ETHERNET, frame[:CAPTURE_SNAPLEN]) == decode_frame(LINKTYPE_ETHERNET, frame)

@@ -3,7 +3,6 @@ a live capture but never count a replayed file twice."""
 import ipaddress
 import itertools
 import logging
-import pathlib
 import random
 import time
 
@@ -19,11 +18,7 @@ from exporter.decode import decode_frame
 from exporter.engine import FrameCounter
 from exporter.frames import Frame, FrameBatch
 from exporter.replay import PcapSource
-from exporter.tally import Tally
-from tests.builders import LABELS, sums_of
-from tests.builders import random_frame
-
-CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
+from tests.builders import AFS_PCAP, AFS_SERVER, LABELS, random_frame, sums_of
 
 
 def test_batch_counts_equal_frame_by_frame_classification():
@@ -96,11 +91,10 @@ def wait_for(condition, timeout=10.0):
         time.sleep(0.02)
 
 
-def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatch):
+def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatch, tally):
     monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
-    tally = Tally()
-    source = FailingOnce(CORPUS / "afs.pcap", kind="live")
-    capture = Capture(source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
+    source = FailingOnce(AFS_PCAP, kind="live")
+    capture = Capture(source, tally, FrameCounter(ServerSet([AFS_SERVER]), DEFAULT_PORT_LABELS, LABELS))
     with caplog.at_level(logging.ERROR):
         capture.start()
         wait_for(lambda: not capture.thread.is_alive())
@@ -112,16 +106,15 @@ def test_exception_in_capture_is_logged_counted_and_restarted(caplog, monkeypatc
     assert status.error is None and not status.running
     # both readers still answer, and show the restart
     assert b"traffic_exporter_capture_restarts_total 1.0" in generate_latest(build_registry(tally, capture.status, lambda: ()))
-    assert create_app(History(tally, 60), capture.status, lambda: ("131.151.32.21",)).test_client().get("/").status_code == 200
+    assert create_app(History(tally, 60), capture.status, lambda: (AFS_SERVER,)).test_client().get("/").status_code == 200
 
 
 @pytest.mark.parametrize("loop", [False, True], ids=["once", "loop"])
-def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, monkeypatch, loop):
+def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, monkeypatch, loop, tally):
     monkeypatch.setattr("exporter.capture.INITIAL_BACKOFF_SECONDS", 0.05)
-    tally = Tally()
-    source = FailingOnce(CORPUS / "afs.pcap", kind="pcap")
+    source = FailingOnce(AFS_PCAP, kind="pcap")
     source.inner.loop = loop
-    capture = Capture(source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
+    capture = Capture(source, tally, FrameCounter(ServerSet([AFS_SERVER]), DEFAULT_PORT_LABELS, LABELS))
     with caplog.at_level(logging.ERROR):
         capture.start()
         try:
@@ -134,10 +127,9 @@ def test_a_replay_failing_mid_file_is_reported_and_never_counted_again(caplog, m
     assert "Traceback" in caplog.text and "not restarting" in caplog.text
 
 
-def test_stop_interrupts_a_realtime_replay_quickly():
-    tally = Tally()
-    source = PcapSource(str(CORPUS / "afs.pcap"), realtime=True, loop=True)
-    capture = Capture(source, tally, FrameCounter(ServerSet(["131.151.32.21"]), DEFAULT_PORT_LABELS, LABELS))
+def test_stop_interrupts_a_realtime_replay_quickly(tally):
+    source = PcapSource(str(AFS_PCAP), realtime=True, loop=True)
+    capture = Capture(source, tally, FrameCounter(ServerSet([AFS_SERVER]), DEFAULT_PORT_LABELS, LABELS))
     capture.start()
     wait_for(lambda: capture.status().running)
     started = time.monotonic()

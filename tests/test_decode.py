@@ -1,6 +1,5 @@
 """decode_frame: agreement with Scapy's dissection, edge cases, and no exception on any input."""
 import ipaddress
-import pathlib
 import random
 import threading
 
@@ -14,12 +13,14 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from scapy.packet import Raw
 
-from exporter.decode import MALFORMED, NOT_IP, decode_frame, supported_link_types
+from exporter.decode import (LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2,
+                             LINKTYPE_LOOP, LINKTYPE_NULL, LINKTYPE_RAW, LINKTYPE_RAW_12, LINKTYPE_RAW_14, MALFORMED,
+                             NOT_IP, decode_frame, supported_link_types)
 from exporter.frames import SourceError
 from exporter.replay import PcapSource
-from tests.builders import frames_of, random_address, random_frame
+from tests.builders import CORPUS_PCAPS, LINKTYPE_USER0, MACS, frames_of, random_address, random_frame
 
-CORPUS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps"
+DLT_EN3MB = 2  # 3 Mb experimental Ethernet (pcap/dlt.h): no pcap link type, and nothing we decode
 EXTENSION_LAYERS = (IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, AH)
 NEXT_HEADER_LAYERS = {0: IPv6ExtHdrHopByHop, 43: IPv6ExtHdrRouting, 60: IPv6ExtHdrDestOpt, 44: IPv6ExtHdrFragment,
                       51: AH, 6: TCP, 17: UDP}
@@ -27,17 +28,18 @@ NEXT_HEADER_LAYERS = {0: IPv6ExtHdrHopByHop, 43: IPv6ExtHdrRouting, 60: IPv6ExtH
 
 def scapy_view(link_type: int, data: bytes):
     """The oracle: Scapy's dissection reduced to (src, dst, transport protocol, sport, dport)."""
-    if link_type == 1:
+    if link_type == LINKTYPE_ETHERNET:
         packet = Ether(data)
-    elif link_type == 113:
+    elif link_type == LINKTYPE_LINUX_SLL:
         packet = CookedLinux(data)
-    elif link_type == 276:
+    elif link_type == LINKTYPE_LINUX_SLL2:
         packet = CookedLinuxV2(data)
-    elif link_type == 0:
+    elif link_type == LINKTYPE_NULL:
         family = int.from_bytes(data[:4], "little")
         family = family if family <= 0xFFFF else int.from_bytes(data[:4], "big")
         packet = IP(data[4:]) if family == 2 else IPv6(data[4:])
-    elif link_type == 229 or (link_type in (12, 14, 101) and data[0] >> 4 == 6):
+    elif link_type == LINKTYPE_IPV6 or (link_type in (LINKTYPE_RAW_12, LINKTYPE_RAW_14, LINKTYPE_RAW)
+                                        and data[0] >> 4 == 6):
         packet = IPv6(data)
     else:
         packet = IP(data)
@@ -75,7 +77,7 @@ def is_decoded(result):
 
 # Bytes around a frame inside a capture buffer: a whole IPv4/TCP frame, so that reading past the
 # frame's end would decode to something plausible -- and wrong.
-SURROUNDINGS = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.1", dst="198.51.100.2") / TCP(sport=1, dport=2))
+SURROUNDINGS = bytes(Ether(**MACS) / IP(src="198.51.100.1", dst="198.51.100.2") / TCP(sport=1, dport=2))
 
 
 def decode_in_buffer(link_type: int, data: bytes):
@@ -96,39 +98,39 @@ def test_decode_agrees_with_scapy_dissection_on_random_frames():
         assert decode_in_buffer(link_type, data) == decoded, (link_type, data.hex())
         kinds.add((link_type, len(decoded[0]), decoded[3] >= 0))
     # the generator really covered every link type, both IP versions, with and without ports
-    assert {k[0] for k in kinds} == supported_link_types() - {108}
+    assert {k[0] for k in kinds} == supported_link_types() - {LINKTYPE_LOOP}
     assert {(k[1], k[2]) for k in kinds} == {(4, True), (4, False), (16, True), (16, False)}
 
 
 def test_loop_link_type_reads_family_in_network_order():
     data = (2).to_bytes(4, "big") + bytes(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=53, dport=4000))
-    assert as_view(decode_frame(108, data)) == ("192.0.2.1", "192.0.2.2", 17, 53, 4000)
+    assert as_view(decode_frame(LINKTYPE_LOOP, data)) == ("192.0.2.1", "192.0.2.2", 17, 53, 4000)
 
 
 @pytest.mark.parametrize("link_type, data", [
-    (1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Raw(b"\x00" * 40))[:12]),  # shorter than an Ethernet header
-    (1, bytes(Ether(type=0x0800) / Raw(b"\x45" + b"\x00" * 10))),  # IPv4 header cut short
-    (1, bytes(Ether(type=0x0800)) + bytes(IPv6())),  # IPv6 inside an IPv4 ethertype
-    (1, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q())[:16]),  # VLAN tag cut short
-    (101, b""),
-    (101, b"\x50" + b"\x00" * 39),  # IP version 5
-    (228, bytes(IP(ihl=4) / TCP())),  # header length below 20
-    (228, bytes(IP(ihl=15))),  # header length beyond the data
-    (229, bytes(IPv6())[:39]),
-    (113, b"\x00" * 15),
-    (276, b"\x00" * 19),
-    (0, b"\x02\x00"),
-    (147, bytes(IP() / TCP())),  # a link type we do not decode
+    (LINKTYPE_ETHERNET, bytes(Ether(**MACS) / Raw(b"\x00" * 40))[:12]),  # shorter than an Ethernet header
+    (LINKTYPE_ETHERNET, bytes(Ether(type=0x0800) / Raw(b"\x45" + b"\x00" * 10))),  # IPv4 header cut short
+    (LINKTYPE_ETHERNET, bytes(Ether(type=0x0800)) + bytes(IPv6())),  # IPv6 inside an IPv4 ethertype
+    (LINKTYPE_ETHERNET, bytes(Ether(**MACS) / Dot1Q())[:16]),  # VLAN tag cut short
+    (LINKTYPE_RAW, b""),
+    (LINKTYPE_RAW, b"\x50" + b"\x00" * 39),  # IP version 5
+    (LINKTYPE_IPV4, bytes(IP(ihl=4) / TCP())),  # header length below 20
+    (LINKTYPE_IPV4, bytes(IP(ihl=15))),  # header length beyond the data
+    (LINKTYPE_IPV6, bytes(IPv6())[:39]),
+    (LINKTYPE_LINUX_SLL, b"\x00" * 15),
+    (LINKTYPE_LINUX_SLL2, b"\x00" * 19),
+    (LINKTYPE_NULL, b"\x02\x00"),
+    (LINKTYPE_USER0, bytes(IP() / TCP())),  # a link type we do not decode
 ])
 def test_undecodable_frames_are_malformed(link_type, data):
     assert decode_frame(link_type, data) == MALFORMED
 
 
 @pytest.mark.parametrize("link_type, data", [
-    (1, bytes(Ether(type=0x0806) / Raw(b"\x00" * 28))),  # ARP
-    (1, bytes(Ether(type=0x05DC) / Raw(b"\x00" * 28))),  # 802.3 length field
-    (113, bytes(CookedLinux(proto=0x0004) / Raw(b"\x00" * 20))),
-    (0, (17).to_bytes(4, "little") + b"\x00" * 20),  # AF_IMPLINK
+    (LINKTYPE_ETHERNET, bytes(Ether(type=0x0806) / Raw(b"\x00" * 28))),  # ARP
+    (LINKTYPE_ETHERNET, bytes(Ether(type=0x05DC) / Raw(b"\x00" * 28))),  # 802.3 length field
+    (LINKTYPE_LINUX_SLL, bytes(CookedLinux(proto=0x0004) / Raw(b"\x00" * 20))),
+    (LINKTYPE_NULL, (17).to_bytes(4, "little") + b"\x00" * 20),  # AF_IMPLINK
 ])
 def test_frames_without_ip_are_not_ip(link_type, data):
     assert decode_frame(link_type, data) == NOT_IP
@@ -136,12 +138,12 @@ def test_frames_without_ip_are_not_ip(link_type, data):
 
 def test_truncated_transport_header_keeps_addresses_without_ports():
     data = bytes(IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=1234, dport=80))[:20 + 19]
-    assert as_view(decode_frame(228, data)) == ("192.0.2.1", "192.0.2.2", 6, -1, -1)
+    assert as_view(decode_frame(LINKTYPE_IPV4, data)) == ("192.0.2.1", "192.0.2.2", 6, -1, -1)
 
 
 def test_extension_chain_running_past_the_data_keeps_addresses():
     data = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop() / TCP())[:44]
-    assert as_view(decode_frame(229, data)) == ("2001:db8::1", "2001:db8::2", 0, -1, -1)
+    assert as_view(decode_frame(LINKTYPE_IPV6, data)) == ("2001:db8::1", "2001:db8::2", 0, -1, -1)
 
 
 def mutated(data: bytes, mutations: list[tuple[int, int]], cut: int) -> bytes:
@@ -153,7 +155,8 @@ def mutated(data: bytes, mutations: list[tuple[int, int]], cut: int) -> bytes:
 
 
 @settings(max_examples=3000, deadline=None)
-@given(link_type=st.sampled_from(sorted(supported_link_types()) + [2, 147]), data=st.binary(max_size=200))
+@given(link_type=st.sampled_from(sorted(supported_link_types()) + [DLT_EN3MB, LINKTYPE_USER0]),
+       data=st.binary(max_size=200))
 def test_random_bytes_never_raise(link_type, data):
     result = decode_frame(link_type, data)
     assert result in (MALFORMED, NOT_IP) or is_decoded(result)
@@ -175,7 +178,7 @@ def test_mutated_real_frames_never_raise(seed, mutations, cut):
 
 def corpus_frames():
     frames = []
-    for path in sorted(CORPUS.iterdir()):
+    for path in sorted(CORPUS_PCAPS.iterdir()):
         try:
             for batch in PcapSource(str(path)).batches(threading.Event()):
                 frames.extend((batch.link_type, frame.data) for frame in frames_of(batch)[:200])
@@ -212,9 +215,9 @@ def test_common_frames_mutated_or_cut_decode_the_same_in_place(seed, mutations, 
     transport = rng.choice([TCP(sport=rng.randrange(65536), dport=80), UDP(sport=53, dport=rng.randrange(65536)),
                             ICMP() if version == 4 else ICMPv6EchoRequest()])
     packet = network / transport / Raw(bytes(rng.randrange(64)))
-    ether = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    ether = Ether(**MACS)
     frame = bytearray(bytes(ether / Dot1Q(vlan=rng.randrange(4096)) / packet if rng.random() < 0.3 else ether / packet))
     for position, value in mutations:
         frame[position % len(frame)] = value
     frame = bytes(frame[:cut])
-    assert decode_in_buffer(1, frame) == decode_frame(1, frame)
+    assert decode_in_buffer(LINKTYPE_ETHERNET, frame) == decode_frame(LINKTYPE_ETHERNET, frame)

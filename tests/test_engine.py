@@ -134,7 +134,7 @@ def test_common_frames_take_the_fast_path():
     pool = [(link, data) for link, data in frame_pool() if link == LINKTYPE_ETHERNET]
     buffer, spans = batch_from([(data, len(data), 0) for _, data in pool])
     counts = count(LINKTYPE_ETHERNET, buffer, spans, servers_for(pool, random.Random(1)))
-    decoded = [decode_frame(1, data) for _, data in pool]
+    decoded = [decode_frame(LINKTYPE_ETHERNET, data) for _, data in pool]
     assert counts.slow_frames <= sum(1 for _ in decoded) // 5  # only odd shapes (3 tags, long chains)
 
 

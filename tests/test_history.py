@@ -15,29 +15,23 @@ from scapy.layers.l2 import Ether
 
 from compat_api.history import FINE_SECONDS, MAX_BUCKET_CLIENTS, MAX_COARSE_SPANS, History, fold_small_clients
 from exporter.classify import ServerSet
+from exporter.decode import ETHERNET_HEADER_LENGTH
 from exporter.persistence import restore, save_state
 from exporter.frames import Frame
 from exporter.tally import OTHER_CLIENT, Tally
-from tests.builders import batch_counts, count_frames
+from tests.builders import MACS, batch_counts, count_frames, frame_of
 
 SERVER = "192.0.2.1"
 SERVERS = ServerSet([SERVER])
-LINKTYPE_ETHERNET = 1
-IP_SRC_OFFSET = 14 + 12  # Ethernet header, then the IPv4 source address
-
-
-def frame(packet) -> Frame:
-    """A captured Ethernet frame from a Scapy packet."""
-    data = bytes(packet)
-    return Frame(len(data), data)
+IP_SRC_OFFSET = ETHERNET_HEADER_LENGTH + 12  # where an Ethernet frame's IPv4 source address begins
 
 
 def http_request(client: str, payload: bytes = b"") -> Frame:
-    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=80) / payload)
+    return frame_of(Ether(**MACS) / IP(src=client, dst=SERVER) / TCP(sport=40000, dport=80) / payload)
 
 
 def dns_answer(client: str, payload: bytes = b"") -> Frame:
-    return frame(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=SERVER, dst=client) / UDP(sport=53, dport=5353) / payload)
+    return frame_of(Ether(**MACS) / IP(src=SERVER, dst=client) / UDP(sport=53, dport=5353) / payload)
 
 
 def feed(tally: Tally, frames: list[Frame]) -> int:
@@ -75,9 +69,7 @@ def client_bytes(history: History, seconds: int = 10**6) -> dict[str, int]:
     return {client: int(counts.sum()) for client, counts in zip(view.clients, view.counts)}
 
 
-def test_tick_stores_the_closed_second_stamped_with_its_start():
-    tally = Tally()
-    history = History(tally, 10)
+def test_tick_stores_the_closed_second_stamped_with_its_start(tally, history):
     sent = feed(tally, [http_request("198.51.100.7", b"x" * 10), dns_answer("198.51.100.8")])
     history.tick(1000.2)
     view = history.seconds_window(10)
@@ -88,9 +80,7 @@ def test_tick_stores_the_closed_second_stamped_with_its_start():
     assert set(client_bytes(history)) == {"198.51.100.7", "198.51.100.8"}
 
 
-def test_tick_takes_only_traffic_since_previous_tick():
-    tally = Tally()
-    history = History(tally, 10)
+def test_tick_takes_only_traffic_since_previous_tick(tally, history):
     first = feed(tally, [http_request("198.51.100.7")])
     history.tick(1000.0)
     second = feed(tally, [http_request("198.51.100.7", b"y" * 100)])
@@ -98,8 +88,7 @@ def test_tick_takes_only_traffic_since_previous_tick():
     assert bytes_per_second(history) == [first, second]
 
 
-def test_idle_ticks_store_empty_seconds():
-    history = History(Tally(), 10)
+def test_idle_ticks_store_empty_seconds(history):
     for second in range(1000, 1005):
         history.tick(second + 0.01)
     assert stamps(history) == [999, 1000, 1001, 1002, 1003]
@@ -146,9 +135,7 @@ def test_window_returns_newest_seconds_oldest_first():
     assert len(stamps(history, 30)) == 10
 
 
-def test_two_ticks_in_one_second_add_into_one_second():
-    tally = Tally()
-    history = History(tally, 10)
+def test_two_ticks_in_one_second_add_into_one_second(tally, history):
     first = feed(tally, [http_request("198.51.100.7")])
     history.tick(1000.1)
     second = feed(tally, [dns_answer("198.51.100.7")])
@@ -158,9 +145,7 @@ def test_two_ticks_in_one_second_add_into_one_second():
     assert client_bytes(history) == {"198.51.100.7": first + second}
 
 
-def test_clock_stepped_back_keeps_order_and_counts():
-    tally = Tally()
-    history = History(tally, 10)
+def test_clock_stepped_back_keeps_order_and_counts(tally, history):
     history.tick(1000.0)
     history.tick(1001.0)
     sent = feed(tally, [http_request("198.51.100.7")])
@@ -298,9 +283,7 @@ def test_readers_see_consistent_snapshots_while_ticking():
     assert len(stamps(history)) == 50
 
 
-def test_ticker_thread_stores_a_second_every_second():
-    tally = Tally()
-    history = History(tally, 10)
+def test_ticker_thread_stores_a_second_every_second(tally, history):
     sent = feed(tally, [http_request("198.51.100.7")])
     history.start()
     try:

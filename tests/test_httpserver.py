@@ -1,6 +1,5 @@
 """The bounded waitress server, run in this process on 127.0.0.1: pipelining, worker threads, file descriptors."""
 import contextlib
-import pathlib
 import resource
 import socket
 import subprocess
@@ -11,10 +10,10 @@ import time
 from waitress import wasyncore
 
 from exporter.httpserver import DESCRIPTORS_BESIDES_CONNECTIONS, create_server
+from tests.builders import AFS_PCAP
 from testkit.process import free_port
 
 RESPONSE = b"x" * (1 << 20)
-AFS = pathlib.Path(__file__).parent / "data" / "corpus" / "pcaps" / "afs.pcap"
 
 
 def large_response(environ, start_response):
@@ -122,7 +121,7 @@ def test_the_soft_descriptor_limit_is_raised_to_fit_the_connections():
 
 
 def test_more_connections_than_the_hard_descriptor_limit_allows_is_one_line_and_exit_2():
-    argv = ["--pcap", str(AFS), "--listen", f"127.0.0.1:{free_port()}", "--web-max-connections", "1000"]
+    argv = ["--pcap", str(AFS_PCAP), "--listen", f"127.0.0.1:{free_port()}", "--web-max-connections", "1000"]
     result = subprocess.run([sys.executable, "-m", "exporter", *argv], capture_output=True, text=True, timeout=30,
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
     assert result.returncode == 2

@@ -6,23 +6,22 @@ import threading
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
-from scapy.utils import wrpcap
 
 from exporter import pcap as pcap_module, pcapng as pcapng_module
 from exporter.frames import MAX_RECORD, SourceError
 from exporter.replay import PcapSource
-from tests.builders import frames_of, spans_of
-from tests.capture_files import CORPUS, CORPUS_PCAPNG, MACS, assert_same_records, many_sections, read_all, read_records, scapy_records
+from tests.builders import CORPUS_PCAPS, MACS, frames_of, spans_of
+from tests.capture_files import CORPUS_PCAPNG, assert_same_records, many_sections, read_all, read_records, scapy_records
 
 
 @pytest.mark.parametrize("name", ["mptcp-v0.pcap", "tcp-handshake-nano.pcap", "802.1ad_QinQ.pcap",
                                   *(path.name for path in CORPUS_PCAPNG)])
 def test_frames_and_timestamps_equal_scapys_records(name):
-    assert_same_records(read_records(CORPUS / name)[1], scapy_records(CORPUS / name))
+    assert_same_records(read_records(CORPUS_PCAPS / name)[1], scapy_records(CORPUS_PCAPS / name))
 
 @pytest.mark.parametrize("name", ["mptcp-v0.pcap", "sections.pcapng"])
 def test_records_split_across_chunks_and_batches_are_read_whole(monkeypatch, tmp_path, name):
-    path = many_sections(tmp_path)[0] if name.endswith(".pcapng") else CORPUS / name
+    path = many_sections(tmp_path)[0] if name.endswith(".pcapng") else CORPUS_PCAPS / name
     _, expected = read_all(path)
     monkeypatch.setattr(pcapng_module, "READ_CHUNK", 97)  # smaller than most records: most are split
     monkeypatch.setattr(pcap_module, "MAP_WINDOW", 97)
@@ -37,16 +36,15 @@ def test_records_split_across_chunks_and_batches_are_read_whole(monkeypatch, tmp
     assert all(batch.timestamps is None for batch in batches)  # only paced replays need them
 
 def test_a_batch_reads_its_frames_in_place_in_the_mapped_file():
-    (batch, *_), _ = read_all(CORPUS / "mptcp-v0.pcap")
+    (batch, *_), _ = read_all(CORPUS_PCAPS / "mptcp-v0.pcap")
     start, end, wire_length = spans_of(batch)[1]
-    data = (CORPUS / "mptcp-v0.pcap").read_bytes()
+    data = (CORPUS_PCAPS / "mptcp-v0.pcap").read_bytes()
     assert isinstance(batch.buffer, mmap.mmap)  # the window begins at the start of the file
     assert batch.buffer[start:end] == data[start:end]
     assert struct.unpack_from("<I", data, start - 4)[0] == wire_length
 
-def test_frames_before_a_corrupt_pcap_record_count(tmp_path):
-    path = tmp_path / "corrupt.pcap"
-    wrpcap(str(path), [Ether(**MACS) / IP() / UDP() for _ in range(3)])
+def test_frames_before_a_corrupt_pcap_record_count(write_pcap):
+    path = write_pcap("corrupt.pcap", [Ether(**MACS) / IP() / UDP() for _ in range(3)])
     with open(path, "ab") as file:
         file.write(struct.pack("<IIII", 0, 0, MAX_RECORD + 1, 60) + bytes(60))
     delivered = []

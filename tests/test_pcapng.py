@@ -8,18 +8,20 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
-from scapy.utils import PcapNgWriter, wrpcap
+from scapy.utils import PcapNgWriter
 
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_IPV6
 from exporter.frames import Frame, SourceError
 from exporter.replay import PcapSource
-from tests.builders import frames_of, spans_of
-from tests.capture_files import CORPUS, CORPUS_PCAPNG, ENHANCED_PACKET, IF_NAME, IF_TSOFFSET, IF_TSRESOL, LINKTYPE_USER0, MACS, OBSOLETE_PACKET, Pcapng, SIMPLE_PACKET, assert_same_records, many_sections, odd_section, option, read_all, read_records, scapy_records, summarize, tshark_records, udp_frames
+from tests.builders import CORPUS_PCAPS, LINKTYPE_USER0, MACS, frames_of, spans_of, summarize
+from tests.capture_files import (CORPUS_PCAPNG, ENHANCED_PACKET, IF_NAME, IF_TSOFFSET, IF_TSRESOL, OBSOLETE_PACKET,
+                                 SIMPLE_PACKET, Pcapng, assert_same_records, many_sections, odd_section, option, read_all,
+                                 read_records, scapy_records, tshark_records, udp_frames)
 
 
 @pytest.mark.parametrize("name", [path.name for path in CORPUS_PCAPNG])
 def test_corpus_pcapng_frames_equal_tsharks(name):
-    assert_same_records(read_records(CORPUS / name)[1], tshark_records(CORPUS / name))
+    assert_same_records(read_records(CORPUS_PCAPS / name)[1], tshark_records(CORPUS_PCAPS / name))
 
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_every_packet_block_kind_reads_as_scapy_and_tshark_read_it(tmp_path, order):
@@ -78,7 +80,7 @@ def test_pcapng_written_by_scapy_reads_as_scapy_and_tshark_read_it(tmp_path):
         LINKTYPE_IPV6 if index % 5 == 0 else LINKTYPE_ETHERNET for index in range(50)]
 
 def test_a_pcapng_batch_reads_its_frames_in_place_in_the_file():
-    path = CORPUS / "ahcp.pcapng"
+    path = CORPUS_PCAPS / "ahcp.pcapng"
     (batch, *_), _ = read_all(path)
     data = path.read_bytes()
     for start, end, wire_length in spans_of(batch):  # the first chunk begins at the start of the file
@@ -181,11 +183,11 @@ def test_a_pcapng_interface_of_an_unsupported_link_type_is_refused_when_used(tmp
     with pytest.raises(SourceError, match=f"^{path}: unsupported link type {LINKTYPE_USER0} "):
         read_all(path)
 
-def test_summarize_counts_simple_packet_blocks_as_the_same_frames_in_a_classic_pcap(tmp_path):
+def test_summarize_counts_simple_packet_blocks_as_the_same_frames_in_a_classic_pcap(tmp_path, write_pcap):
     frames = udp_frames(40)
     for index, frame in enumerate(frames):
         frame.time = 1_700_000_000 + index
-    wrpcap(str(tmp_path / "same.pcap"), frames)  # Scapy's writer: the reference file
+    reference = write_pcap("same.pcap", frames)  # Scapy's writer: the reference file
     file = Pcapng()
     file.section()
     file.interface(LINKTYPE_ETHERNET)
@@ -196,7 +198,7 @@ def test_summarize_counts_simple_packet_blocks_as_the_same_frames_in_a_classic_p
             file.enhanced(0, (1_700_000_000 + index) * 10**6, bytes(frame))
     path = file.write(tmp_path / "simple.pcapng")
     results = [summarize(name, "--server-ip", "192.0.2.1", "--server-ip", "2001:db8::1", "--format", "json")
-               for name in (path, tmp_path / "same.pcap")]
+               for name in (path, reference)]
     assert [result.returncode for result in results] == [0, 0], results[0].stderr
     assert json.loads(results[0].stdout) == json.loads(results[1].stdout)
     summary = json.loads(results[0].stdout)

@@ -1,13 +1,12 @@
 """Replays at their recorded pace, in loops that keep it, and files without frames."""
 import logging
-import struct
 import time
 
 import pytest
 
 from exporter.decode import LINKTYPE_ETHERNET
 from exporter.replay import PcapSource
-from tests.capture_files import Pcapng, arrival_times, paced_file
+from tests.capture_files import Pcapng, arrival_times, paced_file, pcap_header
 
 
 def test_realtime_replay_releases_frames_at_their_recorded_pace(tmp_path):
@@ -51,7 +50,7 @@ def test_paced_simple_packets_go_with_the_frame_before_them(tmp_path):
 def test_an_empty_file_ends_the_replay_at_once_with_one_warning_even_in_a_loop(tmp_path, caplog, kind, realtime):
     if kind == "pcap":
         path = tmp_path / "empty.pcap"
-        path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_ETHERNET))
+        path.write_bytes(pcap_header(LINKTYPE_ETHERNET))
     else:
         file = Pcapng()
         file.section()

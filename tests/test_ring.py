@@ -12,8 +12,9 @@ from scapy.layers.l2 import ARP, CookedLinux, Dot1AD, Dot1Q, Ether
 
 from exporter.decode import ETHERNET_HEADER_LENGTH, LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, NOT_IP, decode_frame
 from exporter.frames import Frame, SourceError
+from exporter.interfaces import ARPHRD_ETHER
 from exporter.ring import PACKET_OUTGOING, RING_RETIRE_MS, SOCKADDR_LL_END, TP_STATUS_USER, TP_STATUS_VLAN_VALID, read_block, ring_request
-from tests.builders import frames_of, spans_of
+from tests.builders import MACS, frames_of, spans_of
 
 
 ETHERNET_MAC_OFFSET = 82  # where the kernel puts an Ethernet frame after its tpacket3_hdr (SOCK_RAW)
@@ -29,7 +30,7 @@ class RingFrame:
 
     def __init__(self, data: bytes, *, wire_length: int = 0, status: int = TP_STATUS_USER, tci: int = 0,
                  tpid: int = 0, mac: int = ETHERNET_MAC_OFFSET, ifindex: int = 2, pkttype: int = 0,
-                 hatype: int = 1, address: bytes = b"\x02\x00\x00\x00\x00\x01", protocol: int = 0x0800):
+                 hatype: int = ARPHRD_ETHER, address: bytes = b"\x02\x00\x00\x00\x00\x01", protocol: int = 0x0800):
         self.data, self.wire_length, self.status = data, wire_length or len(data), status
         self.tci, self.tpid = tci, tpid
         self.mac, self.ifindex, self.pkttype, self.hatype, self.address = mac, ifindex, pkttype, hatype, address
@@ -85,7 +86,7 @@ def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied()
 def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_tagged():
     tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
                    / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / (b"x" * 100))
-    qinq = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
+    qinq = bytes(Ether(**MACS) / Dot1AD(vlan=20) / Dot1Q(vlan=30) / IPv6(src="fd00::2", dst="fd00::1")
                  / UDP(sport=4000, dport=443))
     plain = ethernet_udp()
     block = ring_block([

@@ -1,18 +1,11 @@
 """`python -m exporter summarize`: equals the independent oracle on the corpus; clean errors on bad files."""
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-CORPUS = pathlib.Path(__file__).parent / "data" / "corpus"
-PCAPS = sorted((CORPUS / "pcaps").iterdir())
+from tests.builders import AFS_PCAP, AFS_SERVER, CORPUS_PCAPS, LINKTYPE_USER0, expected_summary, summarize
 
-
-def summarize(*args):
-    return subprocess.run([sys.executable, "-m", "exporter", "summarize", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+PCAPS = sorted(CORPUS_PCAPS.iterdir())
 
 
 def comparable(summary):
@@ -23,7 +16,7 @@ def comparable(summary):
 
 @pytest.mark.parametrize("pcap", PCAPS, ids=lambda p: p.name)
 def test_summarize_matches_oracle(pcap):
-    expected = json.loads((CORPUS / "expected" / f"{pcap.name}.json").read_text())
+    expected = expected_summary(pcap.name)
     result = summarize(pcap, "--format", "json", *[f"--server-ip={s}" for s in expected["servers"]])
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -46,7 +39,7 @@ def test_summarize_matches_oracle(pcap):
 
 
 def test_summarize_table_lists_clients_with_human_units():
-    result = summarize(CORPUS / "pcaps" / "afs.pcap", "--server-ip", "131.151.32.21")
+    result = summarize(AFS_PCAP, "--server-ip", AFS_SERVER)
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["CLIENT", "IN", "OUT", "TOTAL"]
@@ -55,7 +48,7 @@ def test_summarize_table_lists_clients_with_human_units():
 
 
 def test_summarize_guesses_the_server_when_not_given():
-    result = summarize(CORPUS / "pcaps" / "dns_udp.pcap", "--format", "json")
+    result = summarize(CORPUS_PCAPS / "dns_udp.pcap", "--format", "json")
     assert json.loads(result.stdout)["servers"] == ["192.168.1.11"]
 
 
@@ -77,18 +70,18 @@ def test_foreign_file_is_one_line(tmp_path):
 
 
 def test_truncated_file_reports_truncation(tmp_path):
-    data = (CORPUS / "pcaps" / "afs.pcap").read_bytes()
+    data = AFS_PCAP.read_bytes()
     path = tmp_path / "cut.pcap"
     path.write_bytes(data[:len(data) - 7])
-    assert "truncated" in one_line_error(summarize(path, "--server-ip", "131.151.32.21"), 1)
+    assert "truncated" in one_line_error(summarize(path, "--server-ip", AFS_SERVER), 1)
 
 
 def test_unsupported_link_type_is_refused(tmp_path):
-    data = bytearray((CORPUS / "pcaps" / "dns_udp.pcap").read_bytes())
-    data[20:24] = (147).to_bytes(4, "little")  # LINKTYPE_USER0
+    data = bytearray((CORPUS_PCAPS / "dns_udp.pcap").read_bytes())
+    data[20:24] = LINKTYPE_USER0.to_bytes(4, "little")  # the link type field of the file header
     path = tmp_path / "user0.pcap"
     path.write_bytes(bytes(data))
-    assert "unsupported link type 147" in one_line_error(summarize(path, "--server-ip", "192.0.2.1"), 1)
+    assert f"unsupported link type {LINKTYPE_USER0}" in one_line_error(summarize(path, "--server-ip", "192.0.2.1"), 1)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -98,4 +91,4 @@ def test_unsupported_link_type_is_refused(tmp_path):
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, needle):
-    assert needle in one_line_error(summarize(CORPUS / "pcaps" / "dns_udp.pcap", *args), 2)
+    assert needle in one_line_error(summarize(CORPUS_PCAPS / "dns_udp.pcap", *args), 2)

@@ -26,13 +26,14 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.utils import RawPcapWriter
 
+from exporter.decode import LINKTYPE_ETHERNET
 from testkit.process import running_exporter
+from tests.builders import CORPUS_PCAPS, MACS, expected_summary
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).absolute().parents[2]
-CORPUS = ROOT / "tests" / "data" / "corpus"
-CONTRACT_PCAP = CORPUS / "pcaps" / "mptcp-v0.pcap"
+CONTRACT_PCAP = CORPUS_PCAPS / "mptcp-v0.pcap"
 CONTRACT_SERVER = "10.2.1.2"
 ENDPOINTS = ["/", "/traffic?limit=1000", "/protocols", "/traffic_history?seconds=300"]
 START_TIMEOUT = 20.0
@@ -89,7 +90,7 @@ def contract_server() -> Iterator[str]:
 
 def test_views_agree_with_metrics_after_replay(contract_server):
     base = contract_server
-    expected = json.loads((CORPUS / "expected" / "mptcp-v0.pcap.json").read_text())["total_bytes"]
+    expected = expected_summary(CONTRACT_PCAP.name)["total_bytes"]
     assert metrics_bytes_total(base) == expected
     traffic = get_json(base, "/traffic?limit=1000")
     assert sum(client["total"] for client in traffic["clients"]) == expected
@@ -140,15 +141,15 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(case):
 def write_load_pcap(path: Path, frames: int) -> int:
     """A pcap of ``frames`` frames from a few clients and protocols; return their total wire bytes."""
     templates = [
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.1", dst=LOAD_SERVER) / TCP(sport=40001, dport=80) / (b"a" * 400)),
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=LOAD_SERVER, dst="198.51.100.1") / TCP(sport=443, dport=40002) / (b"b" * 1200)),
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.2", dst=LOAD_SERVER) / UDP(sport=5353, dport=53) / (b"c" * 40)),
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=LOAD_SERVER, dst="198.51.100.3") / TCP(sport=22, dport=40003) / (b"d" * 90)),
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP()),  # not the server: ignored
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="198.51.100.4", dst=LOAD_SERVER) / UDP(sport=9, dport=9999)),
+        bytes(Ether(**MACS) / IP(src="198.51.100.1", dst=LOAD_SERVER) / TCP(sport=40001, dport=80) / (b"a" * 400)),
+        bytes(Ether(**MACS) / IP(src=LOAD_SERVER, dst="198.51.100.1") / TCP(sport=443, dport=40002) / (b"b" * 1200)),
+        bytes(Ether(**MACS) / IP(src="198.51.100.2", dst=LOAD_SERVER) / UDP(sport=5353, dport=53) / (b"c" * 40)),
+        bytes(Ether(**MACS) / IP(src=LOAD_SERVER, dst="198.51.100.3") / TCP(sport=22, dport=40003) / (b"d" * 90)),
+        bytes(Ether(**MACS) / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP()),  # not the server: ignored
+        bytes(Ether(**MACS) / IP(src="198.51.100.4", dst=LOAD_SERVER) / UDP(sport=9, dport=9999)),
     ]
     counted = 0
-    with RawPcapWriter(str(path), linktype=1) as writer:
+    with RawPcapWriter(str(path), linktype=LINKTYPE_ETHERNET) as writer:
         writer.write_header(None)
         for index in range(frames):
             data = templates[index % len(templates)]

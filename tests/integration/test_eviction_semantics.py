@@ -12,7 +12,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.decode import LINKTYPE_ETHERNET
 from testkit.process import get, running_exporter
+from tests.capture_files import pcap_header
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +41,7 @@ def write_turns_pcap(path) -> None:
                 records.append(struct.pack("<IIII", 1_700_000_000 + second, tenth * 100_000, len(frame), len(frame))
                                + frame)
     with open(path, "wb") as out:
-        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        out.write(pcap_header(LINKTYPE_ETHERNET))
         out.write(b"".join(records))
 
 

@@ -6,7 +6,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.decode import LINKTYPE_ETHERNET
 from testkit.process import get, running_exporter
+from tests.capture_files import pcap_header
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +24,7 @@ def write_flood_pcap(path) -> int:
     udp = struct.pack("!HHHH", 40000, 53, 8, 0)
     record = struct.Struct("<IIII")
     with open(path, "wb") as out:
-        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        out.write(pcap_header(LINKTYPE_ETHERNET))
         chunk = []
         for index in range(FRAMES):
             source = (0x0A000000 + index).to_bytes(4, "big")  # 10.0.0.0 upwards, all distinct

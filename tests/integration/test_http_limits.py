@@ -3,9 +3,7 @@
 Every connection goes to 127.0.0.1, every loop is bounded, and every socket is closed on the way out.
 """
 import contextlib
-import json
 import os
-import pathlib
 import select
 import signal
 import socket
@@ -16,13 +14,14 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.decode import LINKTYPE_ETHERNET
 from testkit.process import get, running_exporter
+from tests.builders import AFS_PCAP, AFS_SERVER, expected_summary
+from tests.capture_files import pcap_header
 
 pytestmark = pytest.mark.integration
-CORPUS = pathlib.Path(__file__).parents[1] / "data" / "corpus"
-PCAP, SERVER = CORPUS / "pcaps" / "afs.pcap", "131.151.32.21"
-EXPECTED_BYTES = json.loads((CORPUS / "expected" / "afs.pcap.json").read_text())["total_bytes"]
-AFS = ["--pcap", str(PCAP), "--server-ip", SERVER]
+EXPECTED_BYTES = expected_summary(AFS_PCAP.name)["total_bytes"]
+AFS = ["--pcap", str(AFS_PCAP), "--server-ip", AFS_SERVER]
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
@@ -201,7 +200,7 @@ def write_many_clients_pcap(path) -> None:
     ether = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
     record = struct.Struct("<IIII")
     with open(path, "wb") as out:
-        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        out.write(pcap_header(LINKTYPE_ETHERNET))
         for index in range(CLIENTS):
             source = (0x0A000000 + index).to_bytes(4, "big")
             for port in (53, 80, 443):

@@ -7,7 +7,6 @@ import sys
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
-from scapy.utils import wrpcap
 
 from testkit.live_traffic import REPO_ROOT, NamespacedExporter
 from testkit.netns import namespace_pair, netns_unavailable_reason
@@ -32,7 +31,7 @@ def conversation_frames(pair) -> list:
     return frames
 
 
-def test_a_fanout_group_splits_flows_whole_and_the_shares_add_up(tmp_path):
+def test_a_fanout_group_splits_flows_whole_and_the_shares_add_up(write_pcap):
     with namespace_pair() as pair:
         frames = conversation_frames(pair)
         expected: dict = {}
@@ -41,8 +40,7 @@ def test_a_fanout_group_splits_flows_whole_and_the_shares_add_up(tmp_path):
             key = (frame[IP].src if inbound else frame[IP].dst, "in" if inbound else "out", "HTTPS")
             nbytes, packets = expected.get(key, (0, 0))
             expected[key] = (nbytes + len(frame), packets + 1)
-        pcap = tmp_path / "conversations.pcap"
-        wrpcap(str(pcap), frames)
+        pcap = write_pcap("conversations.pcap", frames)
         args = ["--interface", pair.server_link, "--server-ip", pair.server_v4, "--fanout-group", GROUP,
                 "--log-level", "warning"]
         exporters = [NamespacedExporter(pair, args, port=port) for port in (18000, 18001)]

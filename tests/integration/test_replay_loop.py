@@ -12,11 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
-from scapy.utils import wrpcap
 
 from exporter.decode import LINKTYPE_ETHERNET
 from testkit.process import free_port, get, terminate
-from tests.capture_files import MACS, Pcapng
+from tests.builders import MACS
+from tests.capture_files import ENHANCED_PACKET, Pcapng, pcap_header
 
 pytestmark = pytest.mark.integration
 SERVER = "192.0.2.1"
@@ -74,7 +74,7 @@ def udp_frame(index: int):
 @pytest.mark.parametrize("speed", ["max", "realtime"])
 def test_an_empty_file_in_a_loop_idles_after_one_log_line(tmp_path, speed):
     path = tmp_path / "empty.pcap"
-    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_ETHERNET))
+    path.write_bytes(pcap_header(LINKTYPE_ETHERNET))
     with serving("--pcap", str(path), "--loop", "--replay-speed", speed) as (base, process, log):
         time.sleep(1)
         used = cpu_seconds(process)
@@ -85,9 +85,8 @@ def test_an_empty_file_in_a_loop_idles_after_one_log_line(tmp_path, speed):
         assert log.read_text().count("holds no frames") == 1
 
 
-def test_a_one_frame_realtime_loop_replays_it_once_a_second(tmp_path):
-    path = tmp_path / "one.pcap"
-    wrpcap(str(path), [udp_frame(0)])
+def test_a_one_frame_realtime_loop_replays_it_once_a_second(write_pcap):
+    path = write_pcap("one.pcap", [udp_frame(0)])
     with serving("--pcap", str(path), "--loop", "--replay-speed", "realtime") as (base, _process, _log):
         first = frames_seen(base)["frames"]
         time.sleep(3)
@@ -119,7 +118,7 @@ def test_a_corrupt_pcapng_stops_the_replay_with_its_error_and_is_not_counted_aga
     file.interface(LINKTYPE_ETHERNET)
     for index in range(10):
         file.enhanced(0, 1_700_000_000 * 10**6 + index, bytes(udp_frame(index)))
-    offset = file.raw(struct.pack("<II", 6, 0xFFFFFFF0) + bytes(40))
+    offset = file.raw(struct.pack("<II", ENHANCED_PACKET, 0xFFFFFFF0) + bytes(40))
     path = file.write(tmp_path / "corrupt.pcapng")
     with serving("--pcap", str(path)) as (base, _process, log):
         deadline = time.monotonic() + 10

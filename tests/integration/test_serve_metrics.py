@@ -1,19 +1,17 @@
 """Serve mode replaying a pcap at max speed: /metrics equals `summarize`, and promtool accepts it."""
 import json
-import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit.process import get, running_exporter
+from tests.builders import AFS_PCAP, AFS_SERVER, CORPUS_PCAPS, summarize
 
 pytestmark = pytest.mark.integration
-CORPUS = pathlib.Path(__file__).parents[1] / "data" / "corpus" / "pcaps"
 
 
 def scrape(base):
@@ -29,14 +27,14 @@ def scrape(base):
     return text, series, results
 
 
-@pytest.mark.parametrize("pcap, server", [("afs.pcap", "131.151.32.21"), ("mptcp-v0.pcap", "10.2.1.2"),
+@pytest.mark.parametrize("pcap, server", [(AFS_PCAP.name, AFS_SERVER), ("mptcp-v0.pcap", "10.2.1.2"),
                                           ("ipv6-routing-header.pcap", "2200::244:212:3fff:feae:22f7")])
 def test_metrics_equal_summarize(pcap, server):
-    summary = json.loads(subprocess.run(
-        [sys.executable, "-m", "exporter", "summarize", CORPUS / pcap, "--server-ip", server, "--format", "json"],
-        capture_output=True, text=True, check=True, timeout=60).stdout)
+    result = summarize(CORPUS_PCAPS / pcap, "--server-ip", server, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
     frames = summary["packets"] + sum(summary["ignored"].values())
-    with running_exporter(["--pcap", str(CORPUS / pcap), "--server-ip", server, "--replay-speed", "max"]) as (base, _):
+    with running_exporter(["--pcap", str(CORPUS_PCAPS / pcap), "--server-ip", server, "--replay-speed", "max"]) as (base, _):
         deadline = time.monotonic() + 20
         while sum(scrape(base)[2].values()) < frames and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -64,7 +62,7 @@ def test_metrics_equal_summarize(pcap, server):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_the_server_within_five_seconds(signum):
-    with running_exporter(["--pcap", str(CORPUS / "afs.pcap"), "--loop"]) as (_base, process):
+    with running_exporter(["--pcap", str(AFS_PCAP), "--loop"]) as (_base, process):
         started = time.monotonic()
         process.send_signal(signum)
         assert process.wait(5) == 0

@@ -1,7 +1,6 @@
 """Serve mode with --state-file (survives a restart) and --web-config (every endpoint needs a password)."""
 import base64
 import json
-import pathlib
 import time
 import urllib.error
 import urllib.request
@@ -11,11 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit.process import get, running_exporter
+from tests.builders import AFS_PCAP, AFS_SERVER, expected_summary
 
 pytestmark = pytest.mark.integration
-CORPUS = pathlib.Path(__file__).parents[1] / "data" / "corpus"
-PCAP, SERVER = CORPUS / "pcaps" / "afs.pcap", "131.151.32.21"
-EXPECTED_BYTES = json.loads((CORPUS / "expected" / "afs.pcap.json").read_text())["total_bytes"]
+EXPECTED_BYTES = expected_summary(AFS_PCAP.name)["total_bytes"]
 ENDPOINTS = ["/", "/traffic", "/protocols", "/traffic_history", "/openapi.json", "/metrics", "/dashboard"]
 
 
@@ -35,7 +33,7 @@ def wait_for_bytes(base, expected, timeout=20):
 
 def test_state_file_carries_counters_across_a_restart(tmp_path):
     state = tmp_path / "state.json"
-    args = ["--pcap", str(PCAP), "--server-ip", SERVER, "--state-file", str(state)]
+    args = ["--pcap", str(AFS_PCAP), "--server-ip", AFS_SERVER, "--state-file", str(state)]
     with running_exporter(args) as (base, process):
         wait_for_bytes(base, EXPECTED_BYTES)
         time.sleep(1.2)  # a history tick moves the replay into the history
@@ -52,7 +50,7 @@ def test_state_file_carries_counters_across_a_restart(tmp_path):
 def test_corrupt_state_file_means_a_fresh_start(tmp_path):
     state = tmp_path / "state.json"
     state.write_text('{"format": "traffic-exporter-state", "version": 1, "tally": {"clients": 7}')
-    with running_exporter(["--pcap", str(PCAP), "--server-ip", SERVER, "--state-file", str(state)]) as (base, _):
+    with running_exporter(["--pcap", str(AFS_PCAP), "--server-ip", AFS_SERVER, "--state-file", str(state)]) as (base, _):
         wait_for_bytes(base, EXPECTED_BYTES)
 
 
@@ -61,7 +59,7 @@ def protected(tmp_path_factory):
     web_config = tmp_path_factory.mktemp("web") / "web.yml"
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
     web_config.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
-    with running_exporter(["--pcap", str(PCAP), "--server-ip", SERVER, "--web-config", str(web_config)],
+    with running_exporter(["--pcap", str(AFS_PCAP), "--server-ip", AFS_SERVER, "--web-config", str(web_config)],
                           ready_path=None) as (base, _):
         yield base
 

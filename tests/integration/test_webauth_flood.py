@@ -2,7 +2,6 @@
 import base64
 import contextlib
 import http.client
-import pathlib
 import threading
 import time
 from typing import Iterator, Sequence
@@ -11,10 +10,9 @@ import bcrypt
 import pytest
 
 from testkit.process import running_exporter
+from tests.builders import AFS_PCAP, AFS_SERVER
 
 pytestmark = pytest.mark.integration
-CORPUS = pathlib.Path(__file__).parents[1] / "data" / "corpus"
-PCAP, SERVER = CORPUS / "pcaps" / "afs.pcap", "131.151.32.21"
 PASSWORD = "s3cret"
 USERS = ("prometheus", "grafana", "operator")
 FLOODERS = 60
@@ -34,7 +32,7 @@ def port(tmp_path_factory):
     web_config = tmp_path_factory.mktemp("web") / "web.yml"
     lines = [f"  {user}: '{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=12)).decode()}'" for user in USERS]
     web_config.write_text("basic_auth_users:\n" + "\n".join(lines) + "\n")
-    args = ["--pcap", str(PCAP), "--server-ip", SERVER, "--web-config", str(web_config)]
+    args = ["--pcap", str(AFS_PCAP), "--server-ip", AFS_SERVER, "--web-config", str(web_config)]
     with running_exporter(args, ready_path=None) as (base, _):
         yield int(base.rsplit(":", 1)[1])
 
