@@ -61,14 +61,14 @@ def expected_from_pcap(packets, servers: set[str]) -> dict[tuple[str, str, str],
     return totals
 
 
-def run_scenario(directory, interface: str = "", bpf_filter: str = "", tcpdump_options=()) -> dict:
-    """Servers, exporter and tcpdump on the same interface, then the traffic; returns both views."""
+def run_scenario(directory, backend: str, interface: str = "", bpf_filter: str = "", tcpdump_options=()) -> dict:
+    """Servers, exporter (capturing through ``backend``) and tcpdump on the same interface, then the traffic."""
     from scapy.all import rdpcap  # registers every layer, Ethernet and SLL included, for the dissection
 
     (directory / "big.bin").write_bytes(bytes(range(256)) * (DOWNLOAD_BYTES // 256))
     with namespace_pair() as pair, running_servers(pair, directory):
         interface = interface or pair.server_link
-        args = ["--interface", interface] + (["--filter", bpf_filter] if bpf_filter else [])
+        args = ["--interface", interface, "--capture-backend", backend] + (["--filter", bpf_filter] if bpf_filter else [])
         exporter = NamespacedExporter(pair, args)
         try:
             exporter.wait_ready()
@@ -92,19 +92,22 @@ def run_scenario(directory, interface: str = "", bpf_filter: str = "", tcpdump_o
                 "tcpdump": tcpdump_summary, "log": log}
 
 
-@pytest.fixture(scope="module")
-def live_run(tmp_path_factory):
-    """The scenario on the server's veth (Ethernet frames), once for the tests that look at it."""
-    return run_scenario(tmp_path_factory.mktemp("live"))
+BACKENDS = ["af_packet", "libpcap"]  # the TPACKET_V3 ring, and libpcap as on macOS, the BSDs and Windows
 
 
-@pytest.fixture(scope="module")
-def any_run(tmp_path_factory):
-    """The scenario on ``any`` (cooked SLL frames built from the sockaddr) with a BPF filter run in the kernel.
+@pytest.fixture(scope="module", params=BACKENDS)
+def live_run(request, tmp_path_factory):
+    """The scenario on the server's veth (Ethernet frames), once per backend for the tests that look at it."""
+    return run_scenario(tmp_path_factory.mktemp("live"), request.param)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def any_run(request, tmp_path_factory):
+    """The scenario on ``any`` (cooked SLL frames) with a BPF filter run in the kernel, once per backend.
 
     tcpdump is told to write LINUX_SLL (16-byte header) rather than SLL2 so its lengths are comparable.
     """
-    return run_scenario(tmp_path_factory.mktemp("any"), interface="any", bpf_filter="not port 22",
+    return run_scenario(tmp_path_factory.mktemp("any"), request.param, interface="any", bpf_filter="not port 22",
                         tcpdump_options=["-y", "LINUX_SLL"])
 
 
