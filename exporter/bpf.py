@@ -28,6 +28,7 @@ Program = list[tuple[int, int, int, int]]
 class FilterError(SourceError):
     """The BPF filter does not compile; the message is the compiler's."""
 
+
 def compile_bpf(expression: str, link_type: int) -> Program:
     """Compile a filter with libpcap (through Scapy) for frames of ``link_type``; FilterError if invalid."""
     from scapy.arch.common import compile_filter
@@ -45,6 +46,7 @@ def compile_bpf(expression: str, link_type: int) -> Program:
                  program.bf_insns[i].k & 0xFFFFFFFF) for i in range(program.bf_len)]
     finally:
         free_filter(program)
+
 
 def adapt_bpf_for_kernel(program: Program, cooked: bool) -> Program:
     """Adjust a libpcap program for the kernel socket filter, as libpcap's ``fix_program`` does.
@@ -72,6 +74,7 @@ def adapt_bpf_for_kernel(program: Program, cooked: bool) -> Program:
                                   "or a non-Ethernet interface) cannot filter in the kernel")
         adapted.append((code, jt, jf, k))
     return adapted
+
 
 def attach_bpf(sock: socket.socket, program: Program) -> None:
     """Attach a compiled program to a socket (SO_ATTACH_FILTER takes a struct sock_fprog)."""

@@ -1,4 +1,4 @@
-"""Command line: ``python -m exporter [serve] [flags]`` and ``python -m exporter summarize FILE``.
+"""Command line: ``python -m exporter [serve] [flags]`` and ``python -m exporter summarize FILE|-``.
 
 Exit status: 0 after SIGTERM/SIGINT; 2 when start-up is refused with one line on stderr (an invalid
 flag, an unknown interface or no default route, an invalid --filter, no capture privilege
@@ -43,12 +43,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_summarize(config: Config) -> int:
-    """Count a capture file at full speed and print the result."""
+    """Count a capture file at full speed (a stream as it arrives) and print the result.
+
+    On a terminal, stderr shows the progress of work that takes more than a second (not with --format json).
+    """
+    from .progress import progress_on
     from .startup import counting, open_source
     from .summarize import format_json, format_table, summarize
 
     capturing = open_source(config)
-    summary = summarize(capturing.source, *counting(config, capturing.servers, idle_seconds=float("inf")))
+    progress = progress_on(sys.stderr, capturing.source.size) if config.output_format == "table" else None
+    summary = summarize(capturing.source, *counting(config, capturing.servers, idle_seconds=float("inf")), progress)
     print(format_json(summary) if config.output_format == "json" else format_table(summary))
     return 0
 

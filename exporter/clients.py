@@ -40,13 +40,16 @@ class BatchCounts(NamedTuple):
     def counted(self) -> int:
         return int(self.counts[:, 1].sum())
 
+
 def halves(value: int) -> tuple[int, int]:
     return value >> 64, value & 0xFFFFFFFFFFFFFFFF
+
 
 def split_address(packed: bytes) -> ClientKey:
     """(family, hi, lo) of a packed 4- or 16-byte address."""
     value = int.from_bytes(packed, "big")
     return (FAMILY_V4 if len(packed) == 4 else FAMILY_V6), value >> 64, value & 0xFFFFFFFFFFFFFFFF
+
 
 class ClientGrouping:
     """What a client is: the other end's address, or its network with ``--client-prefix-v4/-v6``."""
@@ -83,6 +86,7 @@ class ClientGrouping:
         if network.prefixlen != prefix or self.name(split_address(network.network_address.packed)) != name:
             return None
         return split_address(network.network_address.packed)
+
 
 class ClientIndex:
     """Dense ids for the clients of recent batches, found for all frames at once: a hash table in arrays.
@@ -197,10 +201,12 @@ class ClientIndex:
         self._count = 0
         self._size_slots(MINIMUM_SLOTS)
 
+
 def empty_counts(labels: int) -> BatchCounts:
     """The sums of a batch without counted frames."""
     return BatchCounts(np.zeros(0, np.uint8), np.zeros(0, np.uint64), np.zeros(0, np.uint64),
                        np.zeros((0, 2, len(DIRECTIONS), labels), np.int64), {})
+
 
 def sum_sorting(family: np.ndarray, hi: np.ndarray, lo: np.ndarray, cell: np.ndarray, wire_lengths: np.ndarray,
                  packets: Optional[np.ndarray], cells: int) -> BatchCounts:
@@ -221,9 +227,11 @@ def sum_sorting(family: np.ndarray, hi: np.ndarray, lo: np.ndarray, cell: np.nda
     counts = sums.reshape(2, clients, cells).transpose(1, 0, 2)
     return BatchCounts(family[first].astype(np.uint8), hi[first], lo[first], np.ascontiguousarray(counts), {})
 
+
 def concatenate(first: BatchCounts, second: BatchCounts) -> BatchCounts:
     return BatchCounts(*(np.concatenate([a, b]) for a, b in zip(first[:4], second[:4])),
                        {**first.ignored}, first.slow_frames + second.slow_frames)
+
 
 def counts_from_mapping(sums: Mapping[tuple[bytes, str, str], Sequence[int]], labels: Sequence[str],
                         grouping: Optional[ClientGrouping] = None) -> BatchCounts:

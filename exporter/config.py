@@ -15,6 +15,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 REPLAY_SPEEDS = ("realtime", "max")
 CAPTURE_BACKENDS = ("auto", "af_packet", "libpcap")
 OUTPUT_FORMATS = ("table", "json")
+STREAM_PCAP = "-"  # --pcap - and summarize -: the capture streamed to standard input
 
 
 class ConfigError(Exception):
@@ -145,7 +146,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
      "live capture through the AF_PACKET ring (Linux) or libpcap; auto: the ring on Linux, libpcap elsewhere"),
     ("fanout_group", ("--fanout-group",), _integer(0, 65535),
      "share the interface with the other exporters of this PACKET_FANOUT group, split by flow"),
-    ("pcap", ("--pcap",), _text, "replay this pcap/pcapng file instead of capturing live"),
+    ("pcap", ("--pcap",), _text,
+     "replay this pcap/pcapng file, or count the capture streamed to standard input (-), instead of capturing live"),
     ("replay_speed", ("--replay-speed",), _choice(REPLAY_SPEEDS), "pcap replay pace: realtime or max"),
     ("loop", ("--loop",), _boolean, "replay the pcap file in a loop"),
     ("demo", ("--demo",), _boolean, "replay the bundled demo capture in a loop at its recorded pace (no root needed)"),
@@ -171,7 +173,8 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
 ]
 SUMMARIZE_MAX_CLIENTS = 1_000_000  # offline analysis lists every client unless told otherwise
 SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
-                     if option[0] in ("server_ip", "max_clients", "client_prefix_v4", "client_prefix_v6", "log_level")]
+                     if option[0] in ("server_ip", "filter", "max_clients", "client_prefix_v4", "client_prefix_v6",
+                                      "log_level")]
 SUMMARIZE_OPTIONS.append(("output_format", ("--format",), _choice(OUTPUT_FORMATS), "table for people, json for programs"))
 FLAGS_WITHOUT_VALUE = {"loop", "demo"}
 # Flags that choose what to capture; --demo decides that itself.
@@ -213,6 +216,12 @@ def serve_config(argv: Sequence[str], environ: Optional[dict] = None, prog: str 
         raise ConfigError("--interface: only applies to live capture; leave it out with --pcap")
     if not config.pcap and (config.loop or config.replay_speed == "realtime"):
         raise ConfigError("--loop and --replay-speed: only apply to a replay (--pcap FILE)")
+    if config.pcap == STREAM_PCAP:
+        if config.loop:
+            raise ConfigError("--loop: a stream (--pcap -) is read once, as it arrives; leave --loop out")
+        if config.replay_speed == "realtime":
+            raise ConfigError("--replay-speed: a stream (--pcap -) is counted as it arrives; leave realtime out")
+        _check_stream(config, "--pcap -")
     if config.user and os.geteuid() != 0:
         raise ConfigError("--user: switching users needs root; start as root or leave --user out")
     return config
@@ -221,8 +230,20 @@ def serve_config(argv: Sequence[str], environ: Optional[dict] = None, prog: str 
 def summarize_config(argv: Sequence[str], environ: Optional[dict] = None,
                      prog: str = "traffic-exporter summarize") -> Config:
     """The configuration of ``summarize FILE``: flags only (variables set for the service do not apply)."""
-    return parse_config(argv, SUMMARIZE_OPTIONS, environ={} if environ is None else environ, positional="file", prog=prog,
-                        defaults={"max_clients": SUMMARIZE_MAX_CLIENTS})
+    config = parse_config(argv, SUMMARIZE_OPTIONS, environ={} if environ is None else environ, positional="file",
+                          prog=prog, defaults={"max_clients": SUMMARIZE_MAX_CLIENTS})
+    if config.pcap == STREAM_PCAP:
+        _check_stream(config, "summarize -")
+    return config
+
+
+def _check_stream(config: Config, reading: str) -> None:
+    """What a stream cannot do: have its server guessed from its first frames (read twice), or be filtered here."""
+    if not config.server_ips:
+        raise ConfigError(f"--server-ip: needed with {reading} (the server cannot be guessed from a stream)")
+    if config.filter:
+        raise ConfigError(f"--filter: not applied to a stream ({reading}); filter where it is captured "
+                          f"(tcpdump -U -w - FILTER)")
 
 
 def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[dict] = None,

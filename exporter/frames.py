@@ -25,6 +25,7 @@ class Frame(NamedTuple):
     wire_length: int
     data: bytes
 
+
 class FrameBatch:
     """Frames of one link type, read in place from one buffer: no copy and no object per frame.
 
@@ -74,6 +75,7 @@ class FrameBatch:
         """Frames ``begin`` to ``end`` of this batch, sharing its buffer."""
         return FrameBatch(self.link_type, self.buffer, self.starts[begin:end], self.ends[begin:end],
                           self.wire_lengths[begin:end], None if self.timestamps is None else self.timestamps[begin:end])
+
 
 class SourceError(Exception):
     """A source cannot be read; the message is meant for the operator."""

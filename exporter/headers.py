@@ -59,6 +59,7 @@ class HeaderReader:
     def u64_at(self, offsets: np.ndarray) -> np.ndarray:
         return self.be64[np.minimum(offsets, self.size - 8)].astype(np.uint64)
 
+
 class IPFrames(NamedTuple):
     """Fields of the frames of one IP version that have a sound IP header, by frame index."""
 
@@ -70,6 +71,7 @@ class IPFrames(NamedTuple):
     protocol: np.ndarray  # after IPv6 extension headers
     sport: np.ndarray  # -1 when the frame carries no port the reference would read
     dport: np.ndarray
+
 
 def parse_frames(link_type: int, buffer, starts: np.ndarray, ends: np.ndarray
                  ) -> Optional[tuple[np.ndarray, tuple[IPFrames, IPFrames]]]:
@@ -111,6 +113,7 @@ def parse_frames(link_type: int, buffer, starts: np.ndarray, ends: np.ndarray
     v6 = _parse_ipv6(reader, is_v6, network[is_v6], ends[is_v6], result)
     return result, (v4, v6)
 
+
 def _parse_ipv4(reader: HeaderReader, index: np.ndarray, network: np.ndarray, ends: np.ndarray,
                 result: np.ndarray) -> IPFrames:
     version_ihl = reader.u8_at(network)
@@ -125,6 +128,7 @@ def _parse_ipv4(reader: HeaderReader, index: np.ndarray, network: np.ndarray, en
     zeros = np.zeros(len(index), np.uint64)
     return IPFrames(index, zeros, reader.u32_at(network + 12).astype(np.uint64), zeros,
                     reader.u32_at(network + 16).astype(np.uint64), protocol, sport, dport)
+
 
 def _parse_ipv6(reader: HeaderReader, index: np.ndarray, network: np.ndarray, ends: np.ndarray,
                 result: np.ndarray) -> IPFrames:
@@ -147,6 +151,7 @@ def _parse_ipv6(reader: HeaderReader, index: np.ndarray, network: np.ndarray, en
     return IPFrames(index, reader.u64_at(network + 8), reader.u64_at(network + 16), reader.u64_at(network + 24),
                     reader.u64_at(network + 32), protocol, sport, dport)
 
+
 def _ports(reader: HeaderReader, transport: np.ndarray, ends: np.ndarray, protocol: np.ndarray,
            has_ports: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Source and destination ports where the reference reads them (a whole TCP or UDP header), else -1."""
@@ -154,6 +159,7 @@ def _ports(reader: HeaderReader, transport: np.ndarray, ends: np.ndarray, protoc
                             | ((protocol == IPPROTO_UDP) & (ends >= transport + 8)))
     ports = reader.u32_at(transport).astype(np.int64)
     return np.where(readable, ports >> 16, -1), np.where(readable, ports & 0xFFFF, -1)
+
 
 def _walk_extensions(reader: HeaderReader, chained: np.ndarray, ends: np.ndarray, protocol: np.ndarray,
                      transport: np.ndarray, has_ports: np.ndarray) -> np.ndarray:

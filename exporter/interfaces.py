@@ -21,6 +21,7 @@ IFF_UP = 0x1
 class InterfaceNotFound(SourceError):
     """The capture interface does not exist (at start-up: a configuration error)."""
 
+
 class Interface(NamedTuple):
     """What the capture needs to know about an interface, read through Scapy's netlink provider."""
 
@@ -29,6 +30,7 @@ class Interface(NamedTuple):
     hardware_type: int  # ARPHRD_*
     up: bool
     addresses: tuple[str, ...]  # IPv4 and IPv6, as the kernel lists them
+
 
 def list_interfaces() -> dict[str, Interface]:
     """Every interface of this host (or network namespace), read fresh: an interface may come and go.
@@ -49,6 +51,7 @@ def list_interfaces() -> dict[str, Interface]:
         found[iface.network_name] = Interface(iface.network_name, iface.index, getattr(iface, "type", ARPHRD_ETHER),
                                               up, addresses)
     return found
+
 
 def server_addresses(interface: str) -> tuple[str, ...]:
     """The default server set: the interface's IPv4 and global IPv6 addresses (all interfaces for ``any``).

@@ -212,13 +212,28 @@ class LibpcapSource:
             self.close()
 
 
-def read_filtered(path: str, bpf_filter: str, timestamps: bool) -> Iterator[FrameBatch]:
-    """The frames of a pcap or pcapng file that ``bpf_filter`` keeps, as libpcap reads and filters them."""
+def _open_file(path: str):
     pcap = _pcap()
     errors = ctypes.create_string_buffer(PCAP_ERROR_BUFFER)
     handle = pcap.pcap_open_offline(path.encode(), errors)
     if not handle:
         raise SourceError(f"{path}: {errors.value.decode(errors='replace')}")
+    return handle
+
+
+def check_filter(path: str, bpf_filter: str) -> None:
+    """FilterError (libpcap's message) unless ``bpf_filter`` compiles for the file's link type."""
+    handle = _open_file(path)
+    try:
+        _set_filter(handle, bpf_filter)
+    finally:
+        _pcap().pcap_close(handle)
+
+
+def read_filtered(path: str, bpf_filter: str, timestamps: bool) -> Iterator[FrameBatch]:
+    """The frames of a pcap or pcapng file that ``bpf_filter`` keeps, as libpcap reads and filters them."""
+    pcap = _pcap()
+    handle = _open_file(path)
     try:
         link_type = pcap.pcap_datalink(handle)
         check_link_type(link_type, path)

@@ -1,4 +1,4 @@
-"""Classic pcap: files walked through memory-mapped windows, streams walked as their chunks arrive; no copy per frame."""
+"""Classic pcap: files walked through memory-mapped windows, streams as their chunks arrive; no copy per frame."""
 from __future__ import annotations
 
 import mmap

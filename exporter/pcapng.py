@@ -1,4 +1,4 @@
-"""pcapng files and streams (draft-ietf-opsawg-pcapng), walked block by block as chunks arrive: where each frame lies."""
+"""pcapng files and streams (draft-ietf-opsawg-pcapng), walked block by block as chunks arrive: where frames lie."""
 from __future__ import annotations
 
 import struct
@@ -35,7 +35,7 @@ IF_TSOFFSET = 14
 
 def read_pcapng(chunks: Iterable[Optional[bytes]], path: str, timestamps: bool, *, stream: bool = False
                 ) -> Iterator[FrameBatch]:
-    """Walk a pcapng file or stream block by block as its chunks arrive, noting where each frame lies: no copy per frame.
+    """Walk a pcapng file or stream block by block as its chunks arrive, noting where frames lie: no copy per frame.
 
     Each section has its own byte order and interfaces; each packet block refers to an interface
     its section described before it. Other blocks (statistics, names, custom...) are skipped.
@@ -160,17 +160,20 @@ class _Interface(NamedTuple):
     units: int  # timestamp units per second (if_tsresol)
     offset: int  # seconds added to every timestamp (if_tsoffset)
 
+
 def _pcapng_structs(order: str) -> tuple[Callable, ...]:
     """Readers of a section's block head, 32-bit word, and enhanced and obsolete packet block fields."""
     return (struct.Struct(order + "II").unpack_from, struct.Struct(order + "I").unpack_from,
             struct.Struct(order + "IIIII").unpack_from,  # interface, timestamp high and low, captured, wire
             struct.Struct(order + "H2xIIII").unpack_from)  # the same after a 16-bit interface (and drops)
 
+
 def _section_byte_order(buffer: bytes, position: int, corrupt: Callable[[str], SourceError]) -> str:
     magic = buffer[position + 8:position + 12]
     if magic not in PCAPNG_BYTE_ORDERS:
         raise corrupt(f"section header without the byte-order magic (found {magic.hex()})")
     return PCAPNG_BYTE_ORDERS[magic]
+
 
 def _check_section_header(buffer: bytes, position: int, length: int, order: str,
                           corrupt: Callable[[str], SourceError]) -> None:
@@ -179,6 +182,7 @@ def _check_section_header(buffer: bytes, position: int, length: int, order: str,
     version = struct.unpack_from(order + "HH", buffer, position + 12)
     if version not in PCAPNG_VERSIONS:
         raise corrupt(f"unsupported pcapng version {version[0]}.{version[1]}")
+
 
 def _interface(buffer: bytes, position: int, length: int, order: str,
                corrupt: Callable[[str], SourceError]) -> _Interface:

@@ -21,6 +21,7 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 class CapturePermissionError(SourceError):
     """The process may not open a packet socket (no CAP_NET_RAW)."""
 
+
 def permission_message(interface: str, platform: str = sys.platform) -> str:
     """One line telling how this platform grants what capturing needs."""
     if platform == "darwin" or "bsd" in platform:
@@ -39,8 +40,10 @@ def permission_message(interface: str, platform: str = sys.platform) -> str:
 class _CapabilityHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
+
 class _CapabilityData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
 
 def resolve_user(name: str) -> tuple[int, int]:
     """(uid, gid) of a user name or numeric id; KeyError when unknown."""
@@ -51,6 +54,7 @@ def resolve_user(name: str) -> tuple[int, int]:
             raise
         entry = pwd.getpwuid(int(name))
     return entry.pw_uid, entry.pw_gid
+
 
 def drop_privileges(user: str, keep: Sequence[int] = (CAP_NET_RAW,)) -> bool:
     """Become ``user`` (no supplementary groups), keeping only the capabilities in ``keep``.

@@ -3,7 +3,6 @@ or a stream on standard input (``-``) as it arrives."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import logging
 import math
@@ -30,23 +29,28 @@ STREAM_IDLE_SECONDS = 0.5
 
 STREAM_READ = 1 << 20  # bytes asked of one read of a stream
 
+STREAM_GATHER = 1 << 24  # bytes of a stream gathered at most into one chunk, while more is there at once
+
 PIPE_BYTES = 1 << 20  # a pipe on standard input is grown to this: fewer, larger reads of a fast stream
 
 
 class PcapSource:
     """Replay a pcap or pcapng file, as fast as possible or at its recorded pace, once or in a loop;
-    or, named ``-``, the stream on standard input, as it arrives and once.
+    or, named ``-``, the stream on standard input (``stream_fd``), as it arrives and once.
 
-    A file without frames ends the replay, loop or not, with a warning.
+    A file without frames ends the replay, loop or not, with a warning. With ``capture_filter``
+    (BPF), libpcap reads the file and keeps what the filter keeps, as in a live capture.
     """
 
     kind = "pcap"
     restartable = False  # read again, the file would be counted twice
 
-    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False, stream_fd: int = 0):
+    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False, stream_fd: int = 0,
+                 capture_filter: str = ""):
         self.name = path
         self.realtime = realtime
         self.loop = loop
+        self.capture_filter = capture_filter
         self.stream = path == STDIN
         self.size: Optional[int] = None  # of the file, in bytes; None for a stream
         self._stream_fd = stream_fd
@@ -58,6 +62,10 @@ class PcapSource:
         else:
             with self._open() as file:  # fail at start-up, not in the capture thread, on a missing or foreign file
                 self.size = os.fstat(file.fileno()).st_size
+            if capture_filter:
+                from .libpcap import check_filter
+
+                check_filter(path, capture_filter)  # FilterError with libpcap's message
 
     def kernel_dropped(self) -> int:
         return 0
@@ -100,6 +108,11 @@ class PcapSource:
             self._tell = lambda: self._streamed
             yield _read_stream(self._stream_chunks(), self.name, timestamps=self.realtime)
             return
+        if self.capture_filter:
+            from .libpcap import read_filtered
+
+            yield read_filtered(self.name, self.capture_filter, timestamps=self.realtime)
+            return
         with self._open() as file:
             self._tell = file.tell
             try:
@@ -116,14 +129,23 @@ class PcapSource:
             if not poller.poll(idle_ms):
                 yield None
                 continue
-            try:
-                chunk = os.read(self._stream_fd, STREAM_READ)
-            except OSError as error:
-                raise SourceError(f"{self.name}: cannot read standard input: {error.strerror}") from None
-            if not chunk:
+            # What is there now, up to STREAM_GATHER bytes: larger batches count faster, and nothing waits.
+            parts, size, ended = [], 0, False
+            while size < STREAM_GATHER and (not parts or poller.poll(0)):
+                try:
+                    part = os.read(self._stream_fd, STREAM_READ)
+                except OSError as error:
+                    raise SourceError(f"{self.name}: cannot read standard input: {error.strerror}") from None
+                if not part:
+                    ended = True
+                    break
+                parts.append(part)
+                size += len(part)
+            if parts:
+                self._streamed += size
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+            if ended:
                 return
-            self._streamed += len(chunk)
-            yield chunk
 
     def _open(self):
         try:
@@ -137,12 +159,14 @@ class PcapSource:
             raise SourceError(f"{self.name}: not a pcap or pcapng file")
         return file
 
+
 def _read_frames(file: BinaryIO, path: str, timestamps: bool) -> Iterator[FrameBatch]:
     if file.read(4) == PCAPNG_MAGIC:
         file.seek(0)
         return read_pcapng(file_chunks(file), path, timestamps)
     file.seek(0)
     return read_pcap(file, path, timestamps)
+
 
 def _read_stream(chunks: Iterator[Optional[bytes]], name: str, timestamps: bool) -> Iterator[FrameBatch]:
     """The frames of a pcap or pcapng stream as they arrive, told apart by its first bytes."""
@@ -164,8 +188,11 @@ def _read_stream(chunks: Iterator[Optional[bytes]], name: str, timestamps: bool)
     else:
         raise SourceError(f"{name}: not a pcap or pcapng stream (write one with tcpdump -U -w - or dumpcap -w -)")
 
+
 def _prepare_stream(fd: int, name: str) -> None:
     """Refuse a terminal (nothing was piped in) and grow a pipe, at start-up."""
+    if not hasattr(select, "poll"):  # Windows
+        raise SourceError(f"{name}: reading a stream from standard input needs poll(2), which this system lacks")
     try:
         mode = os.fstat(fd).st_mode
     except OSError as error:
@@ -173,9 +200,12 @@ def _prepare_stream(fd: int, name: str) -> None:
     if os.isatty(fd):
         raise SourceError(f"{name}: standard input is a terminal; pipe a capture into it, "
                           f"e.g. tcpdump -U -w - | traffic-exporter --pcap -")
-    if stat.S_ISFIFO(mode) and hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux
-        with contextlib.suppress(OSError):  # a larger pipe is only faster; the system may refuse it
+    if stat.S_ISFIFO(mode):
+        with contextlib.suppress(ImportError, AttributeError, OSError):  # only faster, and only on Linux
+            import fcntl
+
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
 
 class _Pace:
     """Releases frames at their recorded pace, pass after pass of a loop.

@@ -88,6 +88,7 @@ INTERFACE_GONE = frozenset((errno.ENETDOWN, errno.ENODEV, errno.ENXIO))
 class FanoutError(SourceError):
     """The socket cannot join the ``--fanout-group`` asked for."""
 
+
 def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) -> FrameBatch:
     """The frames of one TPACKET_V3 ring block the kernel handed over (its status has TP_STATUS_USER).
 
@@ -127,6 +128,7 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) ->
         link_type = LINKTYPE_ETHERNET
     return FrameBatch(link_type, ring, starts, ends, wire_lengths)
 
+
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
     """The ``tpacket_req3`` fields for a ring of about ``ring_bytes`` (at least one page-sized block).
 
@@ -139,6 +141,7 @@ def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[
     block_count = max(1, ring_bytes // block_size)
     return (block_size, block_count, block_size, block_count, RING_RETIRE_MS, 0, 0)
 
+
 def join_fanout_group(sock: socket.socket, group: int) -> None:
     """Join a ``PACKET_FANOUT`` group: the kernel splits the interface's frames among its sockets by flow.
 
@@ -150,6 +153,7 @@ def join_fanout_group(sock: socket.socket, group: int) -> None:
     except OSError as error:
         raise FanoutError(f"cannot join fanout group {group}: {error.strerror} (its members must capture the same "
                           f"interface, and the group's mode is by flow hash)") from None
+
 
 class LiveSource:
     """Frames of one interface (or ``any``), read from an AF_PACKET socket's TPACKET_V3 ring.
@@ -315,10 +319,12 @@ class LiveSource:
         finally:
             self.close()
 
+
 class _SockaddrLL(ctypes.Structure):
     _fields_ = [("family", ctypes.c_ushort), ("protocol", ctypes.c_ushort), ("ifindex", ctypes.c_int),
                 ("hatype", ctypes.c_ushort), ("pkttype", ctypes.c_ubyte), ("halen", ctypes.c_ubyte),
                 ("address", ctypes.c_ubyte * 8)]
+
 
 def bind_packet_socket(sock: socket.socket, index: int, protocol: int) -> None:
     """bind(2) a packet socket to an interface index, 0 meaning every interface.

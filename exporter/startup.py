@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple, Optional
 
+from .bpf import FilterError
 from .classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
 from .config import Config, ConfigError
 from .clients import ClientGrouping
@@ -31,7 +32,11 @@ class Capturing(NamedTuple):
 def open_source(config: Config) -> Capturing:
     """Open the replay or the live capture, and settle the server addresses."""
     if config.pcap:
-        source = PcapSource(config.pcap, realtime=config.replay_speed == "realtime", loop=config.loop)
+        try:
+            source = PcapSource(config.pcap, realtime=config.replay_speed == "realtime", loop=config.loop,
+                                capture_filter=config.filter)
+        except FilterError as error:
+            raise ConfigError(f"--filter: {error}") from None
         return Capturing(source, _servers_of_file(config, source))
     return _open_live(config)
 
@@ -60,7 +65,6 @@ def _servers_of_file(config: Config, source: PcapSource) -> ServerSet:
 
 
 def _open_live(config: Config) -> Capturing:
-    from .bpf import FilterError
     from .interfaces import InterfaceNotFound, default_interface, server_addresses
     from .privileges import CapturePermissionError
     from .ring import FanoutError

@@ -1,4 +1,4 @@
-"""One-shot offline analysis of a capture file: the same counting as serve mode, printed once."""
+"""One-shot offline analysis of a capture file or stream: the same counting as serve mode, printed once."""
 from __future__ import annotations
 
 import collections
@@ -12,6 +12,7 @@ from .classify import ServerSet
 from .decode import decode_frame
 from .engine import FrameCounter
 from .replay import PcapSource
+from .progress import Progress, human_bytes
 from .tally import RESULTS, Tally
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,21 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
     return str(ipaddress.ip_address(seen.most_common(1)[0][0]))
 
 
-def summarize(source: PcapSource, counter: FrameCounter, tally: Tally) -> dict:
-    """Count every frame of ``source`` into ``tally`` and return the summary report."""
+def summarize(source: PcapSource, counter: FrameCounter, tally: Tally, progress: Optional[Progress] = None) -> dict:
+    """Count every frame of ``source`` into ``tally`` and return the summary report; show ``progress`` per batch."""
     slow = frames = 0
-    for batch in source.batches(threading.Event()):
-        counts = counter.count(batch)
-        tally.record(counts)
-        slow += counts.slow_frames
-        frames += len(batch)
+    try:
+        for batch in source.batches(threading.Event()):
+            if batch:  # an empty one: a stream idles
+                counts = counter.count(batch)
+                tally.record(counts)
+                slow += counts.slow_frames
+                frames += len(batch)
+            if progress is not None:
+                progress.update(frames, source.bytes_read())
+    finally:
+        if progress is not None:
+            progress.clear()
     log.debug("slow path: %d of %d frames", slow, frames)
     return report(tally, counter.labels, counter.servers)
 
@@ -75,15 +83,6 @@ def format_json(summary: dict) -> str:
     clients = ",\n".join(f"  {json.dumps(client)}" for client in summary["clients"])
     parts.insert(1, f' "clients": [\n{clients}\n ]' if clients else ' "clients": []')
     return "{\n" + ",\n".join(parts) + "\n}"
-
-
-def human_bytes(count: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_table(summary: dict) -> str:

@@ -107,6 +107,7 @@ def random_address(rng: random.Random, version: int) -> str:
     bits = 32 if version == 4 else 128
     return str(ipaddress.ip_address(rng.getrandbits(bits)) if version == 4 else ipaddress.IPv6Address(rng.getrandbits(bits)))
 
+
 def random_transport(rng: random.Random, version: int):
     kind = rng.choice(["tcp", "udp", "icmp", "other"])
     sport, dport = rng.randrange(65536), rng.choice([20, 21, 22, 53, 80, 443, 8080, rng.randrange(65536)])
@@ -118,6 +119,7 @@ def random_transport(rng: random.Random, version: int):
     if kind == "icmp":
         return (ICMP() if version == 4 else ICMPv6EchoRequest()) / payload
     return payload
+
 
 def random_network(rng: random.Random):
     version = rng.choice([4, 6])
@@ -146,6 +148,7 @@ def random_network(rng: random.Random):
     if not transport.haslayer(TCP) and not transport.haslayer(UDP) and not transport.haslayer(ICMPv6EchoRequest):
         packet.lastlayer().nh = rng.choice([47, 50, 59, 132])
     return packet / transport
+
 
 def random_frame(rng: random.Random) -> tuple[int, bytes]:
     network = random_network(rng)

@@ -30,9 +30,11 @@ NAME_RESOLUTION, INTERFACE_STATISTICS, ENHANCED_PACKET, CUSTOM = 4, 5, 6, 0x0000
 
 OPT_END, OPT_COMMENT, IF_NAME, IF_TSRESOL, IF_TSOFFSET, EPB_FLAGS = 0, 1, 2, 9, 14, 2
 
+
 def pcap_header(link_type: int) -> bytes:
     """A classic pcap file header: little-endian, microseconds, version 2.4, snaplen 65535."""
     return struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, link_type)
+
 
 def scapy_records(path: pathlib.Path) -> list[tuple[Optional[float], Frame]]:
     """An oracle: (timestamp, frame) of every record as Scapy's raw readers see them."""
@@ -48,6 +50,7 @@ def scapy_records(path: pathlib.Path) -> list[tuple[Optional[float], Frame]]:
                 timestamp = ((meta.tshigh << 32) + meta.tslow) / meta.tsresol
             records.append((timestamp, Frame(meta.wirelen or len(data), data)))
     return records
+
 
 def tshark_records(path: pathlib.Path) -> list[tuple[Optional[float], Frame]]:
     """Another oracle: Wireshark's reader (it knows every section, option and block this module reads)."""
@@ -65,23 +68,28 @@ def tshark_records(path: pathlib.Path) -> list[tuple[Optional[float], Frame]]:
         records.append((None if timestamp is None else float(timestamp), Frame(wire_length, data)))
     return records
 
+
 def read_records(path: pathlib.Path) -> tuple[list[FrameBatch], list[tuple[Optional[float], Frame]]]:
     """Our reader as a paced replay uses it, without the pacing: its batches, and (timestamp, frame) pairs."""
     with open(path, "rb") as file:
         batches = list(replay._read_frames(file, str(path), timestamps=True))
     return batches, [record for batch in batches for record in zip(timestamps_of(batch), frames_of(batch))]
 
+
 def assert_same_records(ours, theirs):
     assert [frame for _, frame in ours] == [frame for _, frame in theirs]
     assert [t is None for t, _ in ours] == [t is None for t, _ in theirs]
     assert [t for t, _ in ours if t is not None] == pytest.approx([t for t, _ in theirs if t is not None], abs=1e-6)
 
+
 def read_all(path: pathlib.Path, **options) -> tuple[list[FrameBatch], list[Frame]]:
     batches = list(PcapSource(str(path), **options).batches(threading.Event()))
     return batches, [frame for batch in batches for frame in frames_of(batch)]
 
+
 def option(order: str, code: int, value: bytes) -> bytes:
     return struct.pack(order + "HH", code, len(value)) + value + bytes(-len(value) % 4)
+
 
 class Pcapng:
     """A pcapng file written block by block with struct, independently of the reader under test.
@@ -140,9 +148,11 @@ class Pcapng:
         path.write_bytes(bytes(self.data))
         return path
 
+
 def frame_bytes(rng: random.Random) -> bytes:
     """Any bytes: the sources do not look inside frames. Odd lengths exercise the 32-bit padding."""
     return rng.randbytes(rng.randrange(1, 200))
+
 
 def odd_section(file: Pcapng, rng: random.Random, order: str) -> None:
     """One section with three interfaces, every packet block kind and blocks a reader must skip."""
@@ -172,6 +182,7 @@ def odd_section(file: Pcapng, rng: random.Random, order: str) -> None:
         if index % 17 == 0:
             file.block(INTERFACE_STATISTICS, struct.pack(order + "III", 0, 0, 0) + option(order, OPT_END, b""))
 
+
 def many_sections(tmp_path: pathlib.Path) -> tuple[pathlib.Path, Pcapng]:
     """Sections of both byte orders (and versions 1.0 and 1.2), each with its own interfaces; snaplens
     cutting simple packets; if_tsoffset."""
@@ -194,6 +205,7 @@ def many_sections(tmp_path: pathlib.Path) -> tuple[pathlib.Path, Pcapng]:
         file.enhanced(0, 1_700_000_100 * 10**6 + index, frame_bytes(rng))
     return file.write(tmp_path / "sections.pcapng"), file
 
+
 def udp_frames(count: int) -> list:
     """Real frames for end-to-end counting: clients 192.0.2.2.. and 2001:db8::2.. of server .1 / ::1."""
     frames = []
@@ -205,6 +217,7 @@ def udp_frames(count: int) -> list:
         frames.append(Ether(**MACS) / network / UDP(sport=40000 + index, dport=53) / bytes(index % 90))
     return frames
 
+
 def paced_file(tmp_path: pathlib.Path, gaps: list[float]) -> pathlib.Path:
     packets = [Ether(**MACS) / IP(src="192.0.2.2", dst="192.0.2.1") / UDP() for _ in range(len(gaps) + 1)]
     for index, packet in enumerate(packets):
@@ -212,6 +225,7 @@ def paced_file(tmp_path: pathlib.Path, gaps: list[float]) -> pathlib.Path:
     path = tmp_path / "paced.pcap"
     wrpcap(str(path), packets)
     return path
+
 
 def arrival_times(source: PcapSource, seconds: float) -> list[float]:
     """When each frame came out of ``source``, over ``seconds`` (the replay is stopped then)."""

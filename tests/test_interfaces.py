@@ -47,14 +47,17 @@ def fake_interfaces(monkeypatch):
     monkeypatch.setattr(ring, "list_interfaces", lambda: found)
     return ring
 
+
 def test_server_addresses_are_ipv4_and_global_ipv6_of_the_interface_without_link_local(monkeypatch):
     fake_interfaces(monkeypatch)
     assert interfaces.server_addresses("eth0") == ("192.0.2.10", "192.0.2.11", "2001:db8::10", "fd00::10")
     assert interfaces.server_addresses("wg0") == ("10.8.0.1",)
 
+
 def test_server_addresses_for_any_cover_every_interface_but_loopback(monkeypatch):
     fake_interfaces(monkeypatch)
     assert interfaces.server_addresses("any") == ("192.0.2.10", "192.0.2.11", "2001:db8::10", "fd00::10", "10.8.0.1")
+
 
 def test_a_missing_interface_is_a_source_error_naming_the_ones_that_exist(monkeypatch):
     ring = fake_interfaces(monkeypatch)

@@ -19,6 +19,7 @@ from tests.capture_files import CORPUS_PCAPNG, assert_same_records, many_section
 def test_frames_and_timestamps_equal_scapys_records(name):
     assert_same_records(read_records(CORPUS_PCAPS / name)[1], scapy_records(CORPUS_PCAPS / name))
 
+
 @pytest.mark.parametrize("name", ["mptcp-v0.pcap", "sections.pcapng"])
 def test_records_split_across_chunks_and_batches_are_read_whole(monkeypatch, tmp_path, name):
     path = many_sections(tmp_path)[0] if name.endswith(".pcapng") else CORPUS_PCAPS / name
@@ -35,6 +36,7 @@ def test_records_split_across_chunks_and_batches_are_read_whole(monkeypatch, tmp
     assert all(1 <= len(batch) <= 3 for batch in batches) and len(batches) >= len(expected) / 3
     assert all(batch.timestamps is None for batch in batches)  # only paced replays need them
 
+
 def test_a_batch_reads_its_frames_in_place_in_the_mapped_file():
     (batch, *_), _ = read_all(CORPUS_PCAPS / "mptcp-v0.pcap")
     start, end, wire_length = spans_of(batch)[1]
@@ -42,6 +44,7 @@ def test_a_batch_reads_its_frames_in_place_in_the_mapped_file():
     assert isinstance(batch.buffer, mmap.mmap)  # the window begins at the start of the file
     assert batch.buffer[start:end] == data[start:end]
     assert struct.unpack_from("<I", data, start - 4)[0] == wire_length
+
 
 def test_frames_before_a_corrupt_pcap_record_count(write_pcap):
     path = write_pcap("corrupt.pcap", [Ether(**MACS) / IP() / UDP() for _ in range(3)])

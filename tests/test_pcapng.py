@@ -23,6 +23,7 @@ from tests.capture_files import (CORPUS_PCAPNG, ENHANCED_PACKET, IF_NAME, IF_TSO
 def test_corpus_pcapng_frames_equal_tsharks(name):
     assert_same_records(read_records(CORPUS_PCAPS / name)[1], tshark_records(CORPUS_PCAPS / name))
 
+
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_every_packet_block_kind_reads_as_scapy_and_tshark_read_it(tmp_path, order):
     file = Pcapng()
@@ -34,12 +35,14 @@ def test_every_packet_block_kind_reads_as_scapy_and_tshark_read_it(tmp_path, ord
     assert [batch.link_type for batch in batches for _ in range(len(batch))] == file.link_types
     assert {OBSOLETE_PACKET, SIMPLE_PACKET, ENHANCED_PACKET} <= file.block_types
 
+
 def test_sections_of_both_byte_orders_read_as_tshark_reads_them(tmp_path):
     path, file = many_sections(tmp_path)
     batches, ours = read_records(path)
     assert_same_records(ours, tshark_records(path))
     assert [batch.link_type for batch in batches for _ in range(len(batch))] == file.link_types
     assert sum(len(frame.data) == 40 < frame.wire_length for _, frame in ours) >= 5  # cut simple packets
+
 
 def test_a_simple_packet_is_cut_to_its_original_length_the_snaplen_and_the_block(tmp_path):
     file = Pcapng()
@@ -54,6 +57,7 @@ def test_a_simple_packet_is_cut_to_its_original_length_the_snaplen_and_the_block
     assert read_all(file.write(tmp_path / "simple.pcapng"))[1] == [
         Frame(60, bytes(range(40))), Frame(30, bytes(range(30))), Frame(50, bytes(range(30)) + bytes(2)),
         Frame(61, bytes(range(61)))]
+
 
 def test_pcapng_written_by_scapy_reads_as_scapy_and_tshark_read_it(tmp_path):
     rng = random.Random(5)
@@ -79,6 +83,7 @@ def test_pcapng_written_by_scapy_reads_as_scapy_and_tshark_read_it(tmp_path):
     assert [batch.link_type for batch in batches for _ in range(len(batch))] == [
         LINKTYPE_IPV6 if index % 5 == 0 else LINKTYPE_ETHERNET for index in range(50)]
 
+
 def test_a_pcapng_batch_reads_its_frames_in_place_in_the_file():
     path = CORPUS_PCAPS / "ahcp.pcapng"
     (batch, *_), _ = read_all(path)
@@ -88,6 +93,7 @@ def test_a_pcapng_batch_reads_its_frames_in_place_in_the_file():
         assert struct.unpack_from("<II", data, start - 8) == (end - start, wire_length)
     assert len(batch.buffer) == len(data)
 
+
 def valid_start() -> Pcapng:
     file = Pcapng()
     file.section()
@@ -96,31 +102,38 @@ def valid_start() -> Pcapng:
     file.simple(bytes(61))
     return file
 
+
 def corrupt_length(length: int):
     def write(file: Pcapng) -> int:
         return file.raw(struct.pack("<II", ENHANCED_PACKET, length) + bytes(40))
     return write
 
+
 def packet_block_too_short(file: Pcapng) -> int:
     return file.block(ENHANCED_PACKET, bytes(12))
 
+
 def packet_on_unknown_interface(file: Pcapng) -> int:
     return file.block(ENHANCED_PACKET, struct.pack("<IIIII", 3, 0, 1, 4, 4) + bytes(4))
+
 
 def trailing_length_differs(file: Pcapng) -> int:
     offset = file.enhanced(0, 1, bytes(60))
     file.data[-4:] = struct.pack("<I", 100)
     return offset
 
+
 def cut_in_the_middle(file: Pcapng) -> int:
     offset = file.enhanced(0, 1, bytes(60))
     del file.data[-30:]
     return offset
 
+
 def captured_beyond_the_block(file: Pcapng) -> int:
     offset = file.enhanced(0, 1, bytes(60))
     struct.pack_into("<I", file.data, offset + 20, 200)
     return offset
+
 
 def section_with(magic: bytes = b"\x4d\x3c\x2b\x1a", version: tuple[int, int] = (1, 0)):
     def write(file: Pcapng) -> int:
@@ -129,13 +142,16 @@ def section_with(magic: bytes = b"\x4d\x3c\x2b\x1a", version: tuple[int, int] = 
         return offset
     return write
 
+
 def interface_with(options: bytes):
     return lambda file: file.interface(LINKTYPE_ETHERNET, 0, options)
+
 
 def spb_without_interface(file: Pcapng) -> int:
     file.section()
     file.interfaces = [LINKTYPE_ETHERNET]  # the writer's bookkeeping only: the file describes none
     return file.simple(bytes(60))
+
 
 @pytest.mark.parametrize("corrupt, needle", [
     (corrupt_length(8), "block length 8 "),
@@ -166,12 +182,14 @@ def test_corrupt_pcapng_is_one_line_naming_the_file_and_the_block_offset(tmp_pat
     assert needle in str(error.value) and "\n" not in str(error.value)
     assert delivered == [Frame(60, bytes(60)), Frame(61, bytes(61))]  # the frames before it count
 
+
 def test_a_cut_pcapng_reports_truncation_at_its_last_block(tmp_path):
     file = valid_start()
     offset = cut_in_the_middle(file)
     path = file.write(tmp_path / "cut.pcapng")
     with pytest.raises(SourceError, match=f"^{path}: truncated file \\(block at byte {offset} incomplete\\)$"):
         list(PcapSource(str(path)).batches(threading.Event()))
+
 
 def test_a_pcapng_interface_of_an_unsupported_link_type_is_refused_when_used(tmp_path):
     file = valid_start()
@@ -182,6 +200,7 @@ def test_a_pcapng_interface_of_an_unsupported_link_type_is_refused_when_used(tmp
     file.write(path)
     with pytest.raises(SourceError, match=f"^{path}: unsupported link type {LINKTYPE_USER0} "):
         read_all(path)
+
 
 def test_summarize_counts_simple_packet_blocks_as_the_same_frames_in_a_classic_pcap(tmp_path, write_pcap):
     frames = udp_frames(40)
@@ -203,6 +222,7 @@ def test_summarize_counts_simple_packet_blocks_as_the_same_frames_in_a_classic_p
     assert json.loads(results[0].stdout) == json.loads(results[1].stdout)
     summary = json.loads(results[0].stdout)
     assert summary["packets"] == 40 and summary["total_bytes"] == sum(len(frame) for frame in frames)
+
 
 @pytest.mark.parametrize("damage", ["half", "huge-block-length"])
 def test_summarize_of_a_truncated_or_corrupt_pcapng_is_one_line_and_exit_1(tmp_path, damage):

@@ -14,6 +14,7 @@ def test_permission_message_is_one_line_naming_every_fix():
     for advice in ("CAP_NET_RAW", "sudo", "setcap cap_net_raw,cap_net_admin+eip /", "cap_add: [NET_RAW, NET_ADMIN]"):
         assert advice in message
 
+
 def test_user_flag_accepts_known_users_and_refuses_unknown_ones():
     assert config_module.parse_config(["--user", "root"], environ={}).user == "root"
     assert config_module.parse_config([], environ={"TRAFFIC_USER": "0"}).user == "0"

@@ -16,6 +16,7 @@ def test_realtime_replay_releases_frames_at_their_recorded_pace(tmp_path):
     for index, arrival in enumerate(arrivals):
         assert index * 0.2 - 0.02 <= arrival < index * 0.2 + 0.15
 
+
 def test_a_realtime_loop_keeps_the_recorded_rate_across_passes(tmp_path):
     # Span 0.6 s, mean gap 0.2 s: a pass every 0.8 s, frames 0.2 s apart, seams included.
     path = paced_file(tmp_path, [0.1, 0.3, 0.2])
@@ -25,12 +26,14 @@ def test_a_realtime_loop_keeps_the_recorded_rate_across_passes(tmp_path):
     for arrival, due in zip(arrivals, expected):
         assert due - 0.02 <= arrival < due + 0.15
 
+
 def test_a_realtime_loop_over_one_frame_replays_it_once_a_second(tmp_path):
     path = paced_file(tmp_path, [])
     arrivals = arrival_times(PcapSource(str(path), realtime=True, loop=True), 2.5)
     assert len(arrivals) == 3
     for index, arrival in enumerate(arrivals):
         assert index - 0.02 <= arrival < index + 0.15
+
 
 def test_paced_simple_packets_go_with_the_frame_before_them(tmp_path):
     file = Pcapng()
@@ -44,6 +47,7 @@ def test_paced_simple_packets_go_with_the_frame_before_them(tmp_path):
     arrivals = arrival_times(PcapSource(str(path), realtime=True), 1)
     assert len(arrivals) == 4
     assert max(arrivals[:2]) < 0.1 and 0.28 <= arrivals[2] <= arrivals[3] < 0.4
+
 
 @pytest.mark.parametrize("realtime", [False, True], ids=["max", "realtime"])
 @pytest.mark.parametrize("kind", ["pcap", "pcapng"])

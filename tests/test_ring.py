@@ -25,6 +25,7 @@ PACKET_PACKET_HOST = 0
 
 TP_STATUS_VLAN_TPID_VALID = 0x40  # the kernel's tp_vlan_tpid holds the tag's TPID
 
+
 class RingFrame:
     """One frame as the kernel lays it out in a TPACKET_V3 block: tpacket3_hdr, sockaddr_ll, data."""
 
@@ -50,6 +51,7 @@ class RingFrame:
         record[self.mac:self.mac + len(self.data)] = self.data
         return bytes(record)
 
+
 def ring_block(frames: list[RingFrame], *, lead: bytes = b"", first_offset: int = 48) -> bytes:
     """A block handed to user space (TP_STATUS_USER), after ``lead`` bytes of other blocks."""
     records = b"".join(frame.pack(last=i == len(frames) - 1) for i, frame in enumerate(frames))
@@ -59,9 +61,11 @@ def ring_block(frames: list[RingFrame], *, lead: bytes = b"", first_offset: int 
                          first_offset + len(records), 7, 0, 0, 0, 0)
     return lead + header.ljust(first_offset, b"\0") + records
 
+
 def ethernet_udp(payload: bytes = b"x" * 100, **fields) -> bytes:
     return bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01", **fields)
                  / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1234, dport=53) / payload)
+
 
 def test_read_block_returns_each_frame_of_a_block_following_next_offsets():
     frames = [ethernet_udp(b"a" * 10), ethernet_udp(b"b" * 333), ethernet_udp(b"c" * 1)]
@@ -70,18 +74,22 @@ def test_read_block_returns_each_frame_of_a_block_following_next_offsets():
     assert batch.link_type == LINKTYPE_ETHERNET
     assert frames_of(batch) == [Frame(len(f), f) for f in frames]
 
+
 def test_read_block_reads_a_block_at_its_offset_in_the_ring_and_honours_offset_to_first_packet():
     frame = ethernet_udp()
     block = ring_block([RingFrame(frame), RingFrame(frame)], lead=b"\xff" * 4096, first_offset=64)
     assert frames_of(read_block(block, 4096, LINKTYPE_ETHERNET, 0)) == [Frame(len(frame), frame)] * 2
 
+
 def test_read_block_returns_nothing_for_an_empty_block():
     assert len(read_block(ring_block([]), 0, LINKTYPE_ETHERNET, 0)) == 0
+
 
 def test_read_block_takes_the_wire_length_from_tp_len_not_from_what_was_copied():
     aggregate = ethernet_udp(b"y" * 200)[:96]  # a GRO aggregate cut short by the snap length
     batch = read_block(ring_block([RingFrame(aggregate, wire_length=65014)]), 0, LINKTYPE_ETHERNET, 0)
     assert frames_of(batch) == [Frame(65014, aggregate)]
+
 
 def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_tagged():
     tagged = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / Dot1Q(vlan=10)
@@ -100,6 +108,7 @@ def test_read_block_counts_the_4_bytes_of_stripped_vlan_tags_and_decodes_as_if_t
     assert [decode_frame(LINKTYPE_ETHERNET, data) for _, data in frames_of(batch)] == [
         decode_frame(LINKTYPE_ETHERNET, frame) for frame in (tagged, plain, qinq)]
 
+
 def test_read_block_reads_frames_in_place_in_the_ring():
     frame = ethernet_udp()
     block = ring_block([RingFrame(frame)])
@@ -108,11 +117,13 @@ def test_read_block_reads_frames_in_place_in_the_ring():
     (start, end, _), = spans_of(batch)
     assert block[start:end] == frame
 
+
 def writable_ring(block: bytes) -> mmap.mmap:
     """The block in shared memory, as the kernel maps its ring: writable, and its slices are bytes."""
     ring = mmap.mmap(-1, len(block))
     ring[:] = block
     return ring
+
 
 def test_cooked_frames_decode_and_count_as_libpcap_records_them_with_an_sll_header():
     ipv4 = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"answer")
@@ -134,6 +145,7 @@ def test_cooked_frames_decode_and_count_as_libpcap_records_them_with_an_sll_head
         (len(bytes(recorded)), decode_frame(LINKTYPE_LINUX_SLL, bytes(recorded))) for _, recorded in frames]
     assert decode_frame(batch.link_type, frames_of(batch)[3].data) == NOT_IP
 
+
 def test_read_block_skips_outgoing_copies_on_the_loopback_only():
     payloads = [bytes(IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=1, dport=port)) for port in (1, 2, 3)]
     block = ring_block([
@@ -145,10 +157,12 @@ def test_read_block_skips_outgoing_copies_on_the_loopback_only():
     kept = [data[ETHERNET_HEADER_LENGTH:] for _, data in frames_of(batch)]
     assert kept == payloads[1:]
 
+
 def test_a_ring_without_room_before_cooked_frames_is_refused_not_misread():
     block = ring_block([RingFrame(bytes(IP() / UDP()), mac=SOCKADDR_LL_END)])
     with pytest.raises(SourceError, match="unexpected capture ring layout"):
         read_block(writable_ring(block), 0, LINKTYPE_LINUX_SLL, 0)
+
 
 def test_ring_request_uses_4_mib_blocks_one_frame_each_and_the_retire_timeout():
     block_size, blocks, frame_size, frames, retire_ms, priv, features = ring_request(64 << 20)
@@ -156,14 +170,17 @@ def test_ring_request_uses_4_mib_blocks_one_frame_each_and_the_retire_timeout():
     assert (frame_size, frames) == (block_size, blocks)  # TPACKET_V3 packs frames of any size into a block
     assert (retire_ms, priv, features) == (RING_RETIRE_MS, 0, 0)
 
+
 def test_ring_request_for_a_tiny_ring_is_one_page_sized_block():
     assert ring_request(4096)[:4] == (4096, 1, 4096, 1)
     assert ring_request(100)[:4] == (4096, 1, 4096, 1)
     assert ring_request(10000)[:2] == (4096, 2)
 
+
 def test_a_small_ring_gets_smaller_blocks_to_keep_eight_of_them():
     assert ring_request(4 << 20)[:2] == (512 << 10, 8)
     assert ring_request(16 << 20)[:2] == (2 << 20, 8)
+
 
 class ShortOfMemorySocket:
     """A socket whose kernel grants a ring of at most ``limit`` bytes (ENOMEM above)."""
@@ -177,12 +194,14 @@ class ShortOfMemorySocket:
         if block_size * block_count > self.limit:
             raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
+
 def ring_only_source(ring_bytes: int):
     from exporter import ring as live
 
     source = live.LiveSource.__new__(live.LiveSource)  # the ring logic alone, no socket opened
     source.ring_bytes, source._ring_shrink_logged = ring_bytes, False
     return source
+
 
 def test_the_ring_is_halved_while_the_kernel_lacks_memory_and_the_shrink_is_logged_once(caplog):
     source = ring_only_source(128 << 20)
@@ -192,6 +211,7 @@ def test_the_ring_is_halved_while_the_kernel_lacks_memory_and_the_shrink_is_logg
     source._request_ring(ShortOfMemorySocket(limit=40 << 20))
     assert [record.getMessage() for record in caplog.records] == [
         "not enough kernel memory for a 128 MiB capture ring: using 32 MiB (more drops in bursts)"]
+
 
 def test_the_ring_shrinks_no_further_than_the_minimum():
     with pytest.raises(OSError) as raised:
