@@ -231,13 +231,14 @@ def live_exporter(pair, *flags: str):
     return exporter
 
 
-def replays_at_rates(pcap: Path, rates: Sequence[str], repeat: int) -> dict[str, list[tuple[int, float, float]]]:
+def replays_at_rates(pcap: Path, rates: Sequence[str], repeat: int,
+                     backend: str = "af_packet") -> dict[str, list[tuple[int, float, float]]]:
     """``repeat`` replay_cpu runs per rate, one exporter for all, each replay once the previous is counted."""
     from testkit.netns import namespace_pair
 
     runs: dict[str, list[tuple[int, float, float]]] = {rate: [] for rate in rates}
     with namespace_pair() as pair:
-        exporter = live_exporter(pair, "--log-level", "warning")
+        exporter = live_exporter(pair, "--log-level", "warning", "--capture-backend", backend)
         try:
             for rate in rates:
                 for _ in range(repeat):
@@ -257,19 +258,22 @@ def cpu_share(pcap: Path, frames: int, rate: str, repeat: int) -> list[str]:
             f"{frames:,} frames: {each}) | **{statistics.median(shares):.0%}** (target <= 25%) |"]
 
 
-def cpu_per_frame(pcap: Path, frames: int, rates: Sequence[str], repeat: int) -> list[str]:
-    """Exporter CPU per frame and share of one core at fixed rates: medians of ``repeat`` replays each."""
-    rows = ["| rate (frames/s) | exporter CPU per frame | share of one core | replays (share each) |",
-            "|---|---|---|---|"]
-    for rate, runs in replays_at_rates(pcap, rates, repeat).items():
-        shares = [cpu / seconds for _sent, seconds, cpu in runs]
-        micros = [cpu / sent * 1e6 for sent, _seconds, cpu in runs]
-        achieved = statistics.median(sent / seconds for sent, seconds, _cpu in runs)
-        rows.append(f"| {int(rate):,} ({achieved:,.0f} achieved) | **{statistics.median(micros):.2f} µs** "
-                    f"| **{statistics.median(shares):.0%}** | {len(runs)} × {frames:,} frames: "
-                    f"{', '.join(f'{share:.0%}' for share in shares)} |")
+def cpu_per_frame(pcap: Path, frames: int, rates: Sequence[str], repeat: int,
+                  backends: Sequence[str] = ("af_packet", "libpcap")) -> list[str]:
+    """Exporter CPU per frame and share of one core at fixed rates, per capture backend: medians of ``repeat``."""
+    rows = ["| backend | rate (frames/s) | exporter CPU per frame | share of one core | replays (share each) |",
+            "|---|---|---|---|---|"]
+    for backend in backends:
+        for rate, runs in replays_at_rates(pcap, rates, repeat, backend).items():
+            shares = [cpu / seconds for _sent, seconds, cpu in runs]
+            micros = [cpu / sent * 1e6 for sent, _seconds, cpu in runs]
+            achieved = statistics.median(sent / seconds for sent, seconds, _cpu in runs)
+            rows.append(f"| {backend} | {int(rate):,} ({achieved:,.0f} achieved) | **{statistics.median(micros):.2f} µs** "
+                        f"| **{statistics.median(shares):.0%}** | {len(runs)} × {frames:,} frames: "
+                        f"{', '.join(f'{share:.0%}' for share in shares)} |")
     return rows + ["", "CPU per frame: the exporter's CPU time until idle again divided by the frames sent; "
-                       "share: the same time divided by the replay's duration."]
+                       "share: the same time divided by the replay's duration. af_packet: the TPACKET_V3 ring; "
+                       "libpcap: --capture-backend libpcap (as on macOS, the BSDs and Windows)."]
 
 
 def sustained(pcap: Path, frames: int, seconds: int) -> list[str]:

@@ -33,8 +33,8 @@ def permission_message(interface: str, platform: str = sys.platform) -> str:
                 f"if Npcap was installed for administrators only")
     python = os.path.realpath(sys.executable)
     return (f"cannot capture on {interface}: permission denied, a packet socket needs CAP_NET_RAW; "
-            f"run as root (sudo), or grant it once with 'sudo setcap cap_net_raw,cap_net_admin+eip {python}', "
-            f"or in a container add 'cap_add: [NET_RAW, NET_ADMIN]' (docker compose)")
+            f"run as root (sudo), or grant it once with 'sudo setcap cap_net_raw+ep {python}', "
+            f"or in a container add 'cap_add: [NET_RAW]' (docker compose)")
 
 
 class _CapabilityHeader(ctypes.Structure):

@@ -7,8 +7,11 @@ packages=(python3 python3-venv tcpdump libpcap0.8 iproute2 gcc libc6-dev)
 if [ "${1:-}" = "--test" ]; then
     # prometheus: promtool and a real server for the integration tests; tcpreplay: the benchmark;
     # curl, iputils-ping: live-capture clients; chromium, chromium-driver: the dashboard page test;
-    # tshark: an independent pcapng reader the tests compare ours with
-    packages+=(prometheus curl iputils-ping tcpreplay chromium chromium-driver procps tshark)
+    # tshark: an independent pcapng reader the tests compare ours with; docker.io, docker-compose,
+    # debootstrap: the container tests (a base image is built where none can be pulled);
+    # systemd: systemd-analyze checks the unit
+    packages+=(prometheus curl iputils-ping tcpreplay chromium chromium-driver procps tshark docker.io
+               docker-compose debootstrap systemd)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

@@ -1,4 +1,4 @@
-"""The legacy REST API (DESIGN.md §6) through Flask's test client, one fresh app per test."""
+"""The legacy REST API (docs/architecture.md) through Flask's test client, one fresh app per test."""
 from __future__ import annotations
 
 import json

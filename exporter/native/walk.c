@@ -1,7 +1,8 @@
 /* The per-frame loops no array code can do: walking chains of length-prefixed records (where each
  * record starts depends on the length in the one before it), and collecting the frames libpcap hands
- * over one callback at a time. Built by scripts/install.sh; exporter/walk.py and exporter/libpcap.py
- * load it with ctypes and fall back to the same loops in Python when it is missing. */
+ * over one callback at a time. Built by scripts/install.sh (or by `pip install .`, pyproject.toml);
+ * exporter/walk.py and exporter/libpcap.py load it with ctypes and fall back to the same loops in
+ * Python when it is missing. */
 #include <stdint.h>
 #include <string.h>
 #include <sys/time.h>

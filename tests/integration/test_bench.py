@@ -31,7 +31,9 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     if live_unavailable():
         return
     for rate in ("50,000", "100,000"):
-        assert re.search(rf"^\| {rate} \([\d,]+ achieved\) \| \*\*[\d.]+ µs\*\* \| \*\*\d+%\*\* \|", text, re.M)
+        for backend in ("af_packet", "libpcap"):
+            assert re.search(rf"^\| {backend} \| {rate} \([\d,]+ achieved\) \| \*\*[\d.]+ µs\*\* "
+                             rf"\| \*\*\d+%\*\* \|", text, re.M)
     assert re.search(r"^\| [\d,]+ in [\d.]+ s \| [\d,]+ frames/s \| \d\.\d{4} \| [\d,]+ \([\d.]+%\) \| \d+% "
                      r"\| \d+ MiB \|$", text, re.M)
     assert re.search(r"^\| exporter VmRSS, idle .* \| \*\*[\d.]+ MiB\*\*", text, re.M)

@@ -3,7 +3,7 @@
 Real servers (HTTP 80/8080, TCP 443/22, UDP 53) run in a server namespace; a client namespace
 talks to them over IPv4 and IPv6, pings them, and injects VLAN-tagged frames (which veth strips
 before packet sockets see them). The expected counters come from tcpdump's pcap, dissected with
-Scapy (not with the exporter's decoder), under DESIGN §3's rules with the server set being the
+Scapy (not with the exporter's decoder), under the counting rules of docs/architecture.md with the server set being the
 server end's IPv4 and global IPv6 address (the exporter's default; link-local traffic is not_server).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(netns_unavailable_reason() is not None,
                                  reason=netns_unavailable_reason() or "")]
 
-# DESIGN §3 protocol labels, written out independently of exporter.classify.
+# The protocol labels, written out independently of exporter.classify.
 LABELS = {("tcp", 80): "HTTP", ("tcp", 8080): "HTTP", ("tcp", 443): "HTTPS", ("udp", 443): "HTTPS",
           ("tcp", 20): "FTP", ("tcp", 21): "FTP", ("tcp", 22): "SSH", ("udp", 53): "DNS", ("tcp", 53): "DNS"}
 DOWNLOAD_BYTES = 1_500_000

@@ -190,7 +190,7 @@ def test_compose_defines_the_three_services():
 def test_compose_exporter_captures_on_the_host_network_with_raw_capabilities():
     exporter = compose_services()["exporter"]
     assert exporter["network_mode"] == "host"
-    assert {"NET_RAW", "NET_ADMIN"} <= set(exporter["cap_add"])
+    assert exporter["cap_add"] == ["NET_RAW"] and exporter["cap_drop"] == ["ALL"]
     assert "ports" not in exporter, "port mappings are meaningless with host networking"
     assert exporter["build"] in (".", {"context": "."})
     assert (REPO_ROOT / "Dockerfile").is_file()
@@ -362,3 +362,69 @@ def test_substitute_variables_rejects_unknown_variables_and_keeps_regex_anchors(
     assert substitute_variables('x{a=~"foo$"}') == 'x{a=~"foo$"}'
     with pytest.raises(ValueError, match="unknown Grafana variable"):
         substitute_variables('x{a=~"$nope"}')
+
+
+# --------------------------------------------------------------------------- what Grafana requires
+# Grafana's image cannot be pulled here, so these check what Grafana's provisioning and dashboard
+# loading need (Grafana docs: "Provision Grafana", "JSON model").
+
+# Keys Grafana reads in provisioning files (anything else is a typo Grafana ignores silently).
+DATASOURCE_KEYS = {"name", "type", "uid", "access", "orgId", "url", "user", "database", "basicAuth",
+                   "basicAuthUser", "withCredentials", "isDefault", "jsonData", "secureJsonData", "version",
+                   "editable"}
+PROVIDER_KEYS = {"name", "orgId", "folder", "folderUid", "type", "disableDeletion", "updateIntervalSeconds",
+                 "allowUiUpdates", "options"}
+# Panel types built into Grafana 11: a provisioned dashboard cannot install plugins.
+BUILTIN_PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "piechart", "text", "barchart",
+                       "heatmap", "histogram", "logs", "nodeGraph", "state-timeline", "status-history", "trend",
+                       "xychart", "canvas", "geomap", "news", "dashlist", "alertlist", "annolist", "flamegraph",
+                       "traces", "candlestick", "datagrid"}
+VARIABLE_TYPES = {"query", "custom", "constant", "datasource", "interval", "textbox", "adhoc", "groupby"}
+GRID_COLUMNS = 24
+
+
+def test_grafana_provisioning_files_use_version_1_and_known_keys():
+    datasources = load_yaml(DATASOURCE_PROVISIONING)
+    providers = load_yaml(DASHBOARD_PROVISIONING)
+    assert datasources["apiVersion"] == providers["apiVersion"] == 1
+    for datasource in datasources["datasources"]:
+        assert set(datasource) <= DATASOURCE_KEYS, set(datasource) - DATASOURCE_KEYS
+        assert {"name", "type", "url"} <= set(datasource)
+        assert datasource["access"] in {"proxy", "direct"}
+    assert sum(bool(datasource.get("isDefault")) for datasource in datasources["datasources"]) == 1
+    for provider in providers["providers"]:
+        assert set(provider) <= PROVIDER_KEYS, set(provider) - PROVIDER_KEYS
+        assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+        assert isinstance(provider["updateIntervalSeconds"], int)
+
+
+def test_dashboard_is_loadable_by_file_provisioning():
+    dashboard = load_dashboard()
+    assert dashboard.get("id") is None, "a provisioned dashboard must not carry a database id"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,40}", dashboard["uid"])
+    assert dashboard["title"].strip()
+    text = DASHBOARD.read_text(encoding="utf-8")
+    assert "__inputs" not in dashboard and "${DS_" not in text, \
+        "an 'export for sharing' dashboard: file provisioning cannot fill in its data source inputs"
+    names = [variable["name"] for variable in dashboard["templating"]["list"]]
+    assert len(names) == len(set(names))
+    assert {variable["type"] for variable in dashboard["templating"]["list"]} <= VARIABLE_TYPES
+    assert {panel["type"] for panel in iter_panels(dashboard)} <= BUILTIN_PANEL_TYPES
+
+
+def test_dashboard_panels_fit_the_grid_without_overlapping():
+    placed = load_dashboard()["panels"]
+    for panel in placed:
+        if panel["type"] == "row":
+            # An open row's panels are top-level; only a collapsed row holds its panels.
+            assert panel["collapsed"] or not panel.get("panels"), panel["title"]
+    for panel in placed:
+        grid = panel["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] >= 0 and grid["y"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= GRID_COLUMNS, panel["title"]
+    for index, first in enumerate(placed):
+        for second in placed[index + 1:]:
+            a, b = first["gridPos"], second["gridPos"]
+            overlap = (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+                       and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+            assert not overlap, f"{first['title']} overlaps {second['title']}"
