@@ -6,7 +6,7 @@ consumer can do housekeeping.
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -17,13 +17,6 @@ from .decode import supported_link_types
 BATCH_FRAMES = 32768
 
 MAX_RECORD = 1 << 28  # no sane capture record or block is larger; beyond it the file is corrupt
-
-
-class Frame(NamedTuple):
-    """One frame, copied: its length on the wire and its captured bytes (the hot path uses ``FrameBatch``)."""
-
-    wire_length: int
-    data: bytes
 
 
 class FrameBatch:
@@ -51,16 +44,6 @@ class FrameBatch:
         located = np.array(spans, np.int64).reshape(-1, 3)
         return cls(link_type, buffer, located[:, 0], located[:, 1], located[:, 2],
                    None if timestamps is None else np.array([np.nan if t is None else t for t in timestamps]))
-
-    @classmethod
-    def of(cls, link_type: int, frames: Iterable[Frame]) -> "FrameBatch":
-        """A batch holding copies of ``frames``."""
-        pieces, spans, position = [], [], 0
-        for wire_length, data in frames:
-            pieces.append(data)
-            spans.append((position, position + len(data), wire_length))
-            position += len(data)
-        return cls.from_spans(link_type, b"".join(pieces), spans)
 
     @classmethod
     def empty(cls, link_type: int) -> "FrameBatch":

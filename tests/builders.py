@@ -7,10 +7,11 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, NamedTuple, Optional
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_RR, IPOption_Timestamp
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
+                                IPv6ExtHdrRouting)
 from scapy.layers.ipsec import AH
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
@@ -19,9 +20,26 @@ from exporter.classify import DEFAULT_PORT_LABELS, DIRECTIONS, protocol_labels
 from exporter.clients import BatchCounts, ClientGrouping, counts_from_mapping
 from exporter.decode import (LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2,
                              LINKTYPE_NULL, LINKTYPE_RAW, LINKTYPE_RAW_12, LINKTYPE_RAW_14)
-from exporter.frames import Frame, FrameBatch
+from exporter.frames import FrameBatch
 
 LABELS = protocol_labels(DEFAULT_PORT_LABELS)
+
+
+class Frame(NamedTuple):
+    """One frame, copied: its length on the wire and its captured bytes."""
+
+    wire_length: int
+    data: bytes
+
+
+def batch_of(link_type: int, frames: Iterable[Frame]) -> FrameBatch:
+    """A batch holding copies of ``frames``, one after the other in one buffer."""
+    pieces, spans, position = [], [], 0
+    for wire_length, data in frames:
+        pieces.append(data)
+        spans.append((position, position + len(data), wire_length))
+        position += len(data)
+    return FrameBatch.from_spans(link_type, b"".join(pieces), spans)
 
 # tcpdump's test captures, and what an independent oracle counted in each (tests/data/README.md)
 CORPUS = Path(__file__).absolute().parent / "data" / "corpus"
@@ -82,7 +100,7 @@ def count_frames(frames, servers, link_type: int = LINKTYPE_ETHERNET,
     """What the counting engine sums of ``frames`` (``Frame``s of ``link_type``) for ``servers``."""
     from exporter.engine import FrameCounter
     counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, grouping)
-    return counter.count(FrameBatch.of(link_type, frames))
+    return counter.count(batch_of(link_type, frames))
 
 
 def sums_of(counts: BatchCounts, grouping: Optional[ClientGrouping] = None) -> dict:
@@ -105,7 +123,8 @@ def timestamps_of(batch) -> list:
 # Random frames of every link type and shape the decoders know, built with Scapy.
 def random_address(rng: random.Random, version: int) -> str:
     bits = 32 if version == 4 else 128
-    return str(ipaddress.ip_address(rng.getrandbits(bits)) if version == 4 else ipaddress.IPv6Address(rng.getrandbits(bits)))
+    value = rng.getrandbits(bits)
+    return str(ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value))
 
 
 def random_transport(rng: random.Random, version: int):

@@ -16,10 +16,10 @@ from scapy.layers.l2 import Ether
 from scapy.utils import RawPcapNgReader, RawPcapReader, wrpcap
 
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_RAW
-from exporter.frames import Frame, FrameBatch
+from exporter.frames import FrameBatch
 from exporter import replay
 from exporter.replay import PcapSource
-from tests.builders import CORPUS_PCAPS, MACS, frames_of, timestamps_of
+from tests.builders import CORPUS_PCAPS, Frame, MACS, frames_of, timestamps_of
 
 CORPUS_PCAPNG = sorted(CORPUS_PCAPS.glob("*.pcapng"))
 

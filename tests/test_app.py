@@ -18,11 +18,11 @@ from compat_api.app import create_app
 from compat_api.history import History
 from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
 from exporter.capture import CaptureStatus
-from exporter.frames import Frame
+
 from exporter.replay import PcapSource
 from exporter.engine import FrameCounter
 from exporter.tally import Tally
-from tests.builders import CORPUS_PCAPS, MACS, count_frames, expected_summary, frame_of
+from tests.builders import CORPUS_PCAPS, Frame, MACS, count_frames, expected_summary, frame_of
 
 SERVER = "192.0.2.1"
 LABELS = list(protocol_labels(DEFAULT_PORT_LABELS))

@@ -16,9 +16,8 @@ from exporter.classify import DEFAULT_PORT_LABELS, ServerSet, classify
 from exporter.collector import build_registry
 from exporter.decode import decode_frame
 from exporter.engine import FrameCounter
-from exporter.frames import Frame, FrameBatch
 from exporter.replay import PcapSource
-from tests.builders import AFS_PCAP, AFS_SERVER, LABELS, random_frame, sums_of
+from tests.builders import AFS_PCAP, AFS_SERVER, Frame, LABELS, batch_of, random_frame, sums_of
 
 
 def test_batch_counts_equal_frame_by_frame_classification():
@@ -39,7 +38,7 @@ def test_batch_counts_equal_frame_by_frame_classification():
             counter[1] += 1
     counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, client_index_capacity=400)  # ids start afresh
     counts, ignored = {}, {}
-    batches = [FrameBatch.of(link, [Frame(wire, data) for _, data, wire in group])
+    batches = [batch_of(link, [Frame(wire, data) for _, data, wire in group])
                for start in range(0, len(frames), 256)
                for link, group in itertools.groupby(sorted(frames[start:start + 256], key=lambda f: f[0]),
                                                     key=lambda f: f[0])]

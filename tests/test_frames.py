@@ -2,13 +2,12 @@
 
 
 from exporter.decode import LINKTYPE_ETHERNET
-from exporter.frames import Frame, FrameBatch
-from tests.builders import frames_of
+from tests.builders import Frame, batch_of, frames_of
 
 
 def test_batch_of_and_part_keep_frames_and_their_order():
     frames = [Frame(60 + index, bytes([index]) * (10 + index)) for index in range(5)]
-    batch = FrameBatch.of(LINKTYPE_ETHERNET, frames)
+    batch = batch_of(LINKTYPE_ETHERNET, frames)
     assert frames_of(batch) == frames and len(batch) == 5
     assert frames_of(batch.part(1, 3)) == frames[1:3]
-    assert not FrameBatch.of(LINKTYPE_ETHERNET, [])
+    assert not batch_of(LINKTYPE_ETHERNET, [])

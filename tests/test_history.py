@@ -17,9 +17,9 @@ from compat_api.history import FINE_SECONDS, MAX_BUCKET_CLIENTS, MAX_COARSE_SPAN
 from exporter.classify import ServerSet
 from exporter.decode import ETHERNET_HEADER_LENGTH
 from exporter.persistence import restore, save_state
-from exporter.frames import Frame
+
 from exporter.tally import OTHER_CLIENT, Tally
-from tests.builders import MACS, batch_counts, count_frames, frame_of
+from tests.builders import Frame, MACS, batch_counts, count_frames, frame_of
 
 SERVER = "192.0.2.1"
 SERVERS = ServerSet([SERVER])

@@ -10,10 +10,10 @@ import pytest
 
 from exporter import libpcap, walk
 from exporter.bpf import FilterError
-from exporter.frames import Frame, SourceError
+from exporter.frames import SourceError
 from exporter.libpcap import check_filter, read_filtered
 from exporter.replay import PcapSource
-from tests.builders import CORPUS_PCAPS, frames_of, summarize
+from tests.builders import CORPUS_PCAPS, Frame, frames_of, summarize
 
 pytestmark = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is the oracle")
 FILTERED = [("mptcp-v0.pcap", "tcp port 22 and tcp[13] & 2 != 0"), ("afs.pcap", "udp and src host 131.151.32.21"),

@@ -11,9 +11,9 @@ from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgWriter
 
 from exporter.decode import LINKTYPE_ETHERNET, LINKTYPE_IPV6
-from exporter.frames import Frame, SourceError
+from exporter.frames import SourceError
 from exporter.replay import PcapSource
-from tests.builders import CORPUS_PCAPS, LINKTYPE_USER0, MACS, frames_of, spans_of, summarize
+from tests.builders import CORPUS_PCAPS, Frame, LINKTYPE_USER0, MACS, frames_of, spans_of, summarize
 from tests.capture_files import (CORPUS_PCAPNG, ENHANCED_PACKET, IF_NAME, IF_TSOFFSET, IF_TSRESOL, OBSOLETE_PACKET,
                                  SIMPLE_PACKET, Pcapng, assert_same_records, many_sections, odd_section, option, read_all,
                                  read_records, scapy_records, tshark_records, udp_frames)

@@ -11,10 +11,10 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, CookedLinux, Dot1AD, Dot1Q, Ether
 
 from exporter.decode import ETHERNET_HEADER_LENGTH, LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, NOT_IP, decode_frame
-from exporter.frames import Frame, SourceError
+from exporter.frames import SourceError
 from exporter.interfaces import ARPHRD_ETHER
 from exporter.ring import PACKET_OUTGOING, RING_RETIRE_MS, SOCKADDR_LL_END, TP_STATUS_USER, TP_STATUS_VLAN_VALID, read_block, ring_request
-from tests.builders import MACS, frames_of, spans_of
+from tests.builders import Frame, MACS, frames_of, spans_of
 
 
 ETHERNET_MAC_OFFSET = 82  # where the kernel puts an Ethernet frame after its tpacket3_hdr (SOCK_RAW)

@@ -16,10 +16,10 @@ from typing import Iterator
 import pytest
 
 from exporter.decode import LINKTYPE_ETHERNET
-from exporter.frames import MAX_RECORD, Frame, SourceError
+from exporter.frames import MAX_RECORD, SourceError
 from exporter.pcap import Arrivals
 from exporter.replay import STREAM_IDLE_SECONDS, PcapSource
-from tests.builders import CORPUS_PCAPS, LINKTYPE_USER0, expected_summary, frames_of, summarize
+from tests.builders import CORPUS_PCAPS, Frame, LINKTYPE_USER0, expected_summary, frames_of, summarize
 from tests.capture_files import ENHANCED_PACKET, Pcapng, many_sections, pcap_header, udp_frames
 
 SERVERS = ("--server-ip", "192.0.2.1", "--server-ip", "2001:db8::1")  # those of udp_frames
