@@ -35,6 +35,8 @@ needs_namespaces = pytest.mark.skipif(netns_unavailable_reason() is not None, re
 SUMMARIZE = [sys.executable, "-m", "exporter", "summarize"]
 CAPTURED = re.compile(r"(?:(\d+) packets captured|Packets captured: (\d+))")  # tcpdump's, dumpcap's last words
 DOWNLOAD_BYTES = 300_000
+PROBE_SIZE = 211
+PROBE_PAYLOAD = b"x" * PROBE_SIZE  # send_udp's payload
 
 
 def tcpdump(pair: NamespacePair) -> list[str]:
@@ -64,6 +66,14 @@ class PipedCapture:
         self.stream = self.tee.stdout
         self.stderr = io.TextIOWrapper(self.process.stderr)
         wait_for_line(self.process, self.stderr, READY[argv[0]], 20)
+
+    def confirm_capturing(self, pair: NamespacePair, timeout: float = 10) -> None:
+        """Send one datagram at a time until one reaches the copy: a program's "ready" line can precede capture."""
+        deadline = time.monotonic() + timeout
+        while not (self.copy.exists() and PROBE_PAYLOAD in self.copy.read_bytes()):
+            assert time.monotonic() < deadline, f"{self.copy.name}: no probe captured within {timeout} s"
+            send_udp(pair, count=1, size=PROBE_SIZE)
+            time.sleep(0.2)
 
     def stop(self) -> int:
         """SIGINT: the capture program ends its file and exits, ending the stream; returns the frames it captured."""
@@ -123,6 +133,7 @@ def test_summarize_of_a_live_capture_stream_equals_summarize_of_its_file(tmp_pat
             counting = subprocess.Popen([*SUMMARIZE, "-", "--format", "json", *servers_of(pair)], stdin=capture.stream,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
+                capture.confirm_capturing(pair)
                 generate_traffic(pair, tmp_path, "big.bin")
                 captured = capture.stop()
                 stdout, stderr = counting.communicate(timeout=60)
