@@ -160,7 +160,9 @@ class ClientIndex:
         rows = np.flatnonzero(self._touched[:self._count])
         self._touched[rows] = False
         if frame_rows:
-            self.frame_rows = np.where(exact, np.searchsorted(rows, all_ids), -1)
+            row_of_id = np.empty(self._count, np.int64)
+            row_of_id[rows] = np.arange(len(rows))
+            self.frame_rows = np.where(exact, row_of_id[all_ids], -1)
         cells = (rows[:, None] * self.cells + np.arange(self.cells)).reshape(-1)
         counts = np.stack([self._bytes[cells].reshape(-1, self.cells), self._packets[cells].reshape(-1, self.cells)],
                           axis=1)

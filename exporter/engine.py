@@ -14,12 +14,11 @@ import numpy as np
 from .classify import DIRECTIONS, INTERNAL, NOT_SERVER, OTHER_LABEL, ServerSet, classify
 from .clients import (CLIENT_INDEX_CAPACITY, FAMILY_V4, FAMILY_V6, BatchCounts, ClientGrouping, ClientIndex,
                       concatenate, counts_from_mapping, empty_counts, halves)
-from .decode import IPPROTO_TCP, MALFORMED, NOT_IP, decode_frame
+from .decode import MALFORMED, NOT_IP, decode_frame
 from .frames import FrameBatch
 from .headers import (IGNORED_INTERNAL, IGNORED_MALFORMED, IGNORED_NOT_IP, IGNORED_NOT_SERVER, SLOW,
-                      parse_frames, tcp_fields)
-from .tcpflows import (ACK, EVENT_HANDSHAKE, EVENT_RETRANSMISSION, EVENT_RTT, EVENT_SEGMENT, NO_TIME, RST,
-                       RTT_BOUNDS_NS, SYN, FlowTable, TcpFrames, tcp_columns)
+                      parse_frames)
+from .tcpflows import FlowTable, TcpFamily, tcp_columns
 
 IGNORED = {IGNORED_NOT_IP: NOT_IP, IGNORED_NOT_SERVER: NOT_SERVER, IGNORED_INTERNAL: INTERNAL,
            IGNORED_MALFORMED: MALFORMED}
@@ -115,7 +114,7 @@ class FrameCounter:
                                       np.arange(frames))
         result, families = parsed
         columns = []  # per family: frame index, client hi, client lo, direction, label
-        tcp_parts = []  # per family, with TCP health: TCP frames' positions in the columns and their fields
+        tcp_parts = []  # per family, with TCP health: its frames, which were counted, and where in the columns
         position = 0
         for family, ip in zip((FAMILY_V4, FAMILY_V6), families):
             src_server = matcher.contains(family, ip.src_hi, ip.src_lo)
@@ -131,10 +130,8 @@ class FrameCounter:
                             np.where(inbound, 0, 1),
                             self._label(take(ip.protocol), np.where(inbound, dport, sport),
                                         np.where(inbound, sport, dport))))
-            if self.tcp_flows is not None:
-                tcp = np.flatnonzero((take(ip.protocol) == IPPROTO_TCP) & (sport >= 0))
-                tcp_parts.append((family, position + tcp, *(take(values)[tcp] for values in (
-                    ip.src_hi, ip.src_lo, ip.dst_hi, ip.dst_lo, ip.network, ip.transport)), sport[tcp], dport[tcp]))
+            if self.tcp_flows is not None:  # the tracker skips what is not counted or not TCP
+                tcp_parts.append((family, ip, dst_server, ~ignored, position, len(inbound)))
             position += len(inbound)
         index, family, hi, lo, direction, label = (np.concatenate(parts) for parts in zip(*columns))
         hi, lo = self.grouping.mask(family, hi, lo)
@@ -142,7 +139,7 @@ class FrameCounter:
                                  wire_lengths[index], frame_rows=self.tcp_flows is not None)
         sums = sums._replace(counts=sums.counts.reshape(-1, 2, len(DIRECTIONS), len(self.labels)))
         if self.tcp_flows is not None:
-            sums = self._tcp_health(batch, tcp_parts, index, direction, label, (family, hi, lo), sums)
+            sums = self._tcp_health(batch, tcp_parts, label, (family, hi, lo), sums)
         ignored = {IGNORED[code]: frames for code, frames in enumerate(np.bincount(result, minlength=SLOW + 1).tolist())
                    if code in IGNORED and frames}
         slow = np.flatnonzero(result == SLOW)
@@ -153,68 +150,23 @@ class FrameCounter:
             ignored[reason] = ignored.get(reason, 0) + frames
         return concatenate(sums._replace(ignored=ignored), slowly)
 
-    def _tcp_health(self, batch: FrameBatch, tcp_parts: list, index: np.ndarray, direction: np.ndarray,
-                    label: np.ndarray, clients: tuple, sums: BatchCounts) -> BatchCounts:
+    def _tcp_health(self, batch: FrameBatch, tcp_parts: list, label: np.ndarray, clients: tuple,
+                    sums: BatchCounts) -> BatchCounts:
         """``sums`` with the TCP health sums of the batch's TCP frames, per client row."""
         rows = self._clients.frame_rows
         if (rows < 0).any():  # frames the client index summed by sorting: rows of their own, no bytes
             rows, sums = _rows_by_sorting(rows, *clients, sums)
-        keys, positions, fields = [], [], []
-        for family, position, src_hi, src_lo, dst_hi, dst_lo, network, transport, sport, dport in tcp_parts:
-            frame = index[position]
-            inbound = direction[position] == 0
-            read = tcp_fields(batch.buffer, family == FAMILY_V6, batch.starts[frame], network, transport,
-                              batch.wire_lengths[frame])
-            sound = np.flatnonzero(read.sound)
-            client_port, server_port = np.where(inbound, sport, dport), np.where(inbound, dport, sport)
-            keys.append(np.stack([np.where(inbound, src_hi, dst_hi), np.where(inbound, src_lo, dst_lo),
-                                  np.where(inbound, dst_hi, src_hi), np.where(inbound, dst_lo, src_lo),
-                                  (np.uint64(family) << np.uint64(32))
-                                  | (client_port << 16 | server_port).astype(np.uint64)], axis=1)[sound])
-            positions.append(position[sound])
-            fields.append([values[sound] for values in read[:4]])
-        position = np.concatenate(positions)
-        keys = np.concatenate(keys)
-        flags, seq, ack, payload = (np.concatenate(parts) for parts in zip(*fields))
-        frame_direction = direction[position].astype(np.uint8)
-        inbound = frame_direction == 0
-        reset = (flags & RST) != 0
-        syn = (flags & SYN) != 0
-        acked = (flags & ACK) != 0
-        # Only frames that can change or read a connection's state reach the tracker: SYNs in,
-        # SYN-ACKs out, payload segments, and bare ACKs in (one of them may complete a handshake).
-        candidate = np.flatnonzero(~reset & ((syn & (inbound != acked)) | (payload > 0) | (inbound & acked)))
-        frame = index[position[candidate]]
-        if batch.timestamps is None:
-            times = np.full(len(candidate), NO_TIME, np.int64)
-        else:
-            stamps = batch.timestamps[frame]
-            known = ~np.isnan(stamps)
-            # to the microsecond: float seconds hold epoch times to about 0.24 us
-            times = np.where(known, np.round(np.where(known, stamps, 0) * 1e6).astype(np.int64) * 1000, NO_TIME)
-        events, rtt = self.tcp_flows.track(TcpFrames(keys[candidate], frame_direction[candidate], flags[candidate],
-                                                     seq[candidate], ack[candidate],
-                                                     payload[candidate].astype(np.uint32), times))
-        columns = self._tcp_columns
-        cells = []
-
-        def add(where: np.ndarray, column: np.ndarray) -> None:
-            cells.append(rows[where] * columns.width + column)
-
-        add(position[reset], columns.resets + frame_direction[reset])
-        chosen = position[candidate]
-        chosen_direction = frame_direction[candidate]
-        for bit, first in ((EVENT_SEGMENT, columns.segments), (EVENT_RETRANSMISSION, columns.retransmitted)):
-            hit = (events & bit) != 0
-            add(chosen[hit], first + chosen_direction[hit])
-        shaken = (events & EVENT_HANDSHAKE) != 0
-        add(chosen[shaken], columns.handshakes + label[chosen[shaken]])
-        measured = np.flatnonzero(events & EVENT_RTT)
-        add(chosen[measured], columns.rtt_buckets + np.searchsorted(RTT_BOUNDS_NS, rtt[measured]))
-        flat = np.concatenate(cells)
-        tcp = np.bincount(flat, minlength=len(sums.family) * columns.width).reshape(-1, columns.width)
-        np.add.at(tcp[:, columns.rtt_sum_ns], rows[chosen[measured]], rtt[measured])
+        families = []
+        for family, ip, inbound, counted, position, count in tcp_parts:
+            frame_rows = np.full(len(ip.index), -1, np.int64)
+            frame_rows[counted] = rows[position:position + count]
+            labels = np.zeros(len(ip.index), np.uint8)
+            labels[counted] = label[position:position + count]
+            families.append(TcpFamily(family, ip, inbound, frame_rows, labels))
+        tcp = np.zeros((len(sums.family), self._tcp_columns.width), np.int64)
         table = self.tcp_flows
+        table.track(batch.buffer, batch.starts, batch.wire_lengths, batch.timestamps, families, tcp,
+                    self._tcp_columns)
         return sums._replace(tcp=tcp, tcp_table=(table.flows, table.evictions, table.unmeasured))
 
     def _empty(self) -> BatchCounts:

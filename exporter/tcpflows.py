@@ -1,10 +1,15 @@
 """TCP connection state for TCP health: handshakes and their round trip, retransmitted and new payload segments.
 
 Connection state is sequential per flow, so no array code can keep it: ``native/walk.c``
-(``tcp_track``) walks the candidate TCP frames of a batch in capture order over a fixed-capacity hash
-table with an exact LRU list, all in arrays this object preallocates; without the compiled library
-the same algorithm runs in Python (an ``OrderedDict`` as table and LRU), with identical results --
-the tests prove it.
+(``tcp_track``) walks the TCP frames of a batch in capture order over a fixed-capacity hash table
+with an exact LRU list, all in arrays this object preallocates, reads their TCP headers in place
+and adds their events straight into the per-client sums (building per-frame arrays in numpy for
+the same work cost more than the tracking itself); without the compiled library the same algorithm
+runs in Python (an ``OrderedDict`` as table and LRU), with identical results -- the tests prove it.
+
+Only frames that can matter touch a flow: SYNs in, SYN-ACKs out, payload segments, and bare ACKs in
+(one may complete a handshake; a bare ACK of an unknown flow creates nothing). RST segments are
+counted as resets and touch no flow.
 
 A flow is (client address, server address, client port, server port), whatever the direction.
 Per frame the result is a set of ``EVENT_*`` bits and, with ``EVENT_RTT``, the time from the
@@ -19,10 +24,12 @@ from __future__ import annotations
 
 import collections
 import ctypes
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from .headers import IPFrames, tcp_fields
 from .walk import native_library
 
 HOLES = 4
@@ -30,7 +37,7 @@ HOLES = 4
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RTT_BOUNDS_NS = np.array([round(bound * 1e9) for bound in RTT_BUCKETS], np.int64)
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
-EVENT_SEGMENT, EVENT_RETRANSMISSION, EVENT_HANDSHAKE, EVENT_RTT = 1, 2, 4, 8
+EVENT_SEGMENT, EVENT_RETRANSMISSION, EVENT_HANDSHAKE, EVENT_RTT, EVENT_RESET = 1, 2, 4, 8, 16
 NO_TIME = np.iinfo(np.int64).min  # a frame recorded without a timestamp
 IN, OUT = 0, 1
 _STAGE_NONE, _STAGE_SYN, _STAGE_SYN_ACK = 0, 1, 2
@@ -40,9 +47,8 @@ _MASK32 = 0xFFFFFFFF
 
 class _Table(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("capacity", "slots", "count", "head", "tail", "evictions",
-                                                      "unmeasured")] + [
-        (name, ctypes.c_void_p) for name in ("slot_flow", "keys", "prev", "next", "stage", "client_isn",
-                                             "server_isn", "synack_time", "started", "high", "hole_count", "holes")]
+                                                      "unmeasured")] + [("slot", ctypes.c_void_p),
+                                                                        ("flows", ctypes.c_void_p)]
 
 
 class TcpColumns(NamedTuple):
@@ -68,16 +74,27 @@ def tcp_columns(labels: int) -> TcpColumns:
     return TcpColumns(0, rtt, rtt_sum, rtt_sum + 1, rtt_sum + 3, rtt_sum + 5, rtt_sum + 7)
 
 
-class TcpFrames(NamedTuple):
-    """Candidate TCP frames of a batch, in capture order."""
+class TcpFamily(NamedTuple):
+    """One IP family's frames of a batch, as the engine counted them."""
 
-    keys: np.ndarray  # (frames, 5) uint64: client hi, client lo, server hi, server lo, family << 32 | ports
-    direction: np.ndarray  # uint8: IN (client to server) or OUT
-    flags: np.ndarray  # uint8: the TCP flags byte
-    seq: np.ndarray  # uint32
-    ack: np.ndarray  # uint32
-    payload: np.ndarray  # uint32: bytes of TCP payload
-    times: np.ndarray  # int64 ns, NO_TIME when unknown
+    family: int  # 4 or 6
+    frames: IPFrames
+    inbound: np.ndarray  # bool: client to server
+    rows: np.ndarray  # int64: the client's row in the batch's sums; -1: not counted
+    labels: np.ndarray  # uint8: the protocol label index
+
+
+class _Family(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_long), ("family", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("index", "protocol", "sport", "dport", "network", "transport", "row",
+                                             "src_hi", "src_lo", "dst_hi", "dst_lo", "inbound", "label", "events",
+                                             "rtt")]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("buffer", "starts", "wire_lengths", "times", "sums")] + [
+        (name, ctypes.c_int64) for name in ("width", "handshakes", "rtt_buckets", "rtt_sum", "segments",
+                                            "retransmitted", "resets", "bound_count")] + [("bounds", ctypes.c_void_p)]
 
 
 class FlowTable:
@@ -92,18 +109,18 @@ class FlowTable:
         self._python_evictions = self._python_unmeasured = 0
         if self._library is not None:
             self._library.tcp_track.restype = None
-            self._library.tcp_track.argtypes = [ctypes.POINTER(_Table), ctypes.c_long] + [ctypes.c_void_p] * 9
+            self._library.tcp_track.argtypes = [ctypes.POINTER(_Table), ctypes.POINTER(_Batch),
+                                                ctypes.POINTER(_Family), ctypes.POINTER(_Family), ctypes.c_void_p]
+            self._library.tcp_scratch_size.restype = ctypes.c_long
+            self._scratch = np.zeros(0, np.uint8)
+            self._library.tcp_flow_size.restype = ctypes.c_long
             slots = 1 << max(4, (2 * capacity - 1).bit_length())  # at most half full: short probes
-            self._arrays = {
-                "slot_flow": np.full(slots, -1, np.int32), "keys": np.zeros(5 * capacity, np.uint64),
-                "prev": np.zeros(capacity, np.int32), "next": np.zeros(capacity, np.int32),
-                "stage": np.zeros(capacity, np.uint8), "client_isn": np.zeros(capacity, np.uint32),
-                "server_isn": np.zeros(capacity, np.uint32), "synack_time": np.zeros(capacity, np.int64),
-                "started": np.zeros(2 * capacity, np.uint8), "high": np.zeros(2 * capacity, np.uint32),
-                "hole_count": np.zeros(2 * capacity, np.uint8),
-                "holes": np.zeros(2 * capacity * _HOLE_ROOM * 2, np.uint32)}
-            self._table = _Table(capacity, slots, 0, -1, -1, 0, 0,
-                                 *(self._arrays[name].ctypes.data for name, _ in _Table._fields_[7:]))
+            self._slots = np.zeros(slots, np.uint64)
+            record = self._library.tcp_flow_size()
+            self._flows = np.zeros(capacity * record + 64, np.uint8)  # pages are zeroed as they are first used
+            aligned = -self._flows.ctypes.data % 64  # the records are 64-byte aligned, like cache lines
+            self._table = _Table(capacity, slots, 0, -1, -1, 0, 0, self._slots.ctypes.data,
+                                 self._flows.ctypes.data + aligned)
 
     @property
     def native(self) -> bool:
@@ -124,65 +141,142 @@ class FlowTable:
         """Flows evicted while their handshake was incomplete, since the start."""
         return self._table.unmeasured if self.native else self._python_unmeasured
 
-    def track(self, frames: TcpFrames) -> tuple[np.ndarray, np.ndarray]:
-        """Per frame, its EVENT_* bits (uint8) and the handshake round trip in ns (int64, where EVENT_RTT)."""
-        count = len(frames.direction)
-        events = np.zeros(count, np.uint8)
-        rtt = np.zeros(count, np.int64)
-        if count == 0:
-            return events, rtt
-        if self.native:
-            inputs = [np.ascontiguousarray(values, dtype) for values, dtype in zip(
-                frames, (np.uint64, np.uint8, np.uint8, np.uint32, np.uint32, np.uint32, np.int64))]
-            self._library.tcp_track(ctypes.byref(self._table), count, *(values.ctypes.data for values in inputs),
-                                    events.ctypes.data, rtt.ctypes.data)
-        else:
-            self._track_in_python(frames, events, rtt)
-        return events, rtt
+    def track(self, buffer, starts: np.ndarray, wire_lengths: np.ndarray, times: Optional[np.ndarray],
+              families: Sequence[TcpFamily], sums: np.ndarray, columns: TcpColumns) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Track the TCP frames of a batch in capture order; add their events to ``sums`` (rows x columns.width).
 
-    def _track_in_python(self, frames: TcpFrames, events: np.ndarray, rtt: np.ndarray) -> None:
-        table = self._python_flows
-        for i, (key, direction, flags, seq, ack, payload, time) in enumerate(zip(
-                map(tuple, frames.keys.tolist()), frames.direction.tolist(), frames.flags.tolist(),
-                frames.seq.tolist(), frames.ack.tolist(), frames.payload.tolist(), frames.times.tolist())):
-            flow = table.get(key)
-            if flags & SYN:
-                if direction == IN and not flags & ACK:
-                    if flow is None:
-                        flow = self._insert(key)
-                    else:
-                        table.move_to_end(key)
-                    if flow.stage == _STAGE_NONE or flow.client_isn != seq:
-                        flow.reset()
-                        flow.stage, flow.client_isn = _STAGE_SYN, seq
-                        flow.directions[IN] = _Direction((seq + 1) & _MASK32)
-                elif direction == OUT and flags & ACK and flow is not None:
-                    table.move_to_end(key)
-                    if flow.stage != _STAGE_NONE and ack == (flow.client_isn + 1) & _MASK32:
-                        flow.stage, flow.server_isn, flow.synack_time = _STAGE_SYN_ACK, seq, time
-                        flow.directions[OUT] = _Direction((seq + 1) & _MASK32)
+        ``times`` are the batch's frame times in seconds (NaN: unknown; None: none). Returns per family
+        each frame's EVENT_* bits (uint8) and handshake round trip in ns (int64, where EVENT_RTT).
+        """
+        results = [(np.zeros(len(part.rows), np.uint8), np.zeros(len(part.rows), np.int64)) for part in families]
+        if self.native:
+            keep = []  # what the structures point into lives until the call returns
+
+            def pointer(values, dtype):
+                values = np.ascontiguousarray(values, dtype)
+                keep.append(values)
+                return values.ctypes.data
+
+            parts = []
+            for part, (events, rtt) in zip(families, results):
+                ip = part.frames
+                parts.append(_Family(len(part.rows), part.family, *(pointer(values, np.int64) for values in (
+                    ip.index, ip.protocol, ip.sport, ip.dport, ip.network, ip.transport, part.rows)),
+                    *(pointer(values, np.uint64) for values in (ip.src_hi, ip.src_lo, ip.dst_hi, ip.dst_lo)),
+                    pointer(part.inbound, np.bool_), pointer(part.labels, np.uint8), events.ctypes.data,
+                    rtt.ctypes.data))
+            assert sums.flags.c_contiguous and sums.dtype == np.int64
+            batch = _Batch(np.frombuffer(buffer, np.uint8).ctypes.data if len(buffer) else 0,
+                           pointer(starts, np.int64), pointer(wire_lengths, np.int64),
+                           None if times is None else pointer(times, np.float64), sums.ctypes.data,
+                           columns.width, columns.handshakes, columns.rtt_buckets, columns.rtt_sum_ns,
+                           columns.segments, columns.retransmitted, columns.resets, len(RTT_BOUNDS_NS),
+                           RTT_BOUNDS_NS.ctypes.data)
+            frames = sum(len(part.rows) for part in families)
+            if len(self._scratch) < frames * self._library.tcp_scratch_size():
+                self._scratch = np.zeros(frames * self._library.tcp_scratch_size(), np.uint8)
+            self._library.tcp_track(ctypes.byref(self._table), ctypes.byref(batch), *map(ctypes.byref, parts),
+                                    self._scratch.ctypes.data)
+        else:
+            self._track_in_python(buffer, starts, wire_lengths, times, families, sums, columns, results)
+        return results
+
+    def _track_in_python(self, buffer, starts, wire_lengths, times, families, sums, columns, results) -> None:
+        """tcp_track of walk.c, frame by frame, in the same order and with the same results."""
+        merged, fields = [], []
+        for number, part in enumerate(families):
+            ip = part.frames
+            read = tcp_fields(buffer, part.family == 6, starts[ip.index], ip.network, ip.transport,
+                              wire_lengths[ip.index])
+            merged += [(frame, number, i) for i, frame in enumerate(ip.index.tolist())]
+            fields.append((read.flags.tolist(), read.seq.tolist(), read.ack.tolist(), read.payload.tolist(),
+                           read.sound.tolist()))
+        merged.sort()
+        for frame, number, i in merged:
+            part, (events, rtt) = families[number], results[number]
+            ip = part.frames
+            row = int(part.rows[i])
+            flags, seq, ack, payload, sound = (values[i] for values in fields[number])
+            if row < 0 or ip.protocol[i] != 6 or ip.sport[i] < 0 or not sound:
                 continue
-            found = flow is not None
-            if not found:
-                if payload == 0:
-                    continue
-                flow = self._insert(key)
+            direction = IN if part.inbound[i] else OUT
+            cells = sums[row]
+            if flags & RST:
+                cells[columns.resets + direction] += 1
+                events[i] = EVENT_RESET
+                continue
+            if flags & SYN:
+                candidate = (direction == IN) != bool(flags & ACK)
             else:
-                table.move_to_end(key)
-            if (found and flow.stage == _STAGE_SYN_ACK and direction == IN and flags & ACK
-                    and ack == (flow.server_isn + 1) & _MASK32):
-                flow.stage = _STAGE_NONE
-                events[i] = EVENT_HANDSHAKE
-                if time != NO_TIME and flow.synack_time != NO_TIME:
-                    rtt[i] = max(0, time - flow.synack_time)
-                    events[i] |= EVENT_RTT
-            if payload > 0:
-                state = flow.directions[direction]
-                if state is None:
-                    flow.directions[direction] = _Direction((seq + payload) & _MASK32)
-                    events[i] |= EVENT_SEGMENT
+                candidate = payload > 0 or (direction == IN and flags & ACK)
+            if not candidate:
+                continue
+            ends = [(int(ip.src_hi[i]), int(ip.src_lo[i])), (int(ip.dst_hi[i]), int(ip.dst_lo[i]))]
+            ports = [int(ip.sport[i]), int(ip.dport[i])]
+            if direction == OUT:
+                ends.reverse()
+                ports.reverse()
+            key = (*ends[0], *ends[1], part.family << 32 | ports[0] << 16 | ports[1])
+            time = NO_TIME
+            if times is not None and not math.isnan(times[frame]):
+                time = int(float(times[frame]) * 1e6 + 0.5) * 1000  # as walk.c: to the microsecond
+            found, elapsed = self._track_frame(key, direction, flags, seq, ack, payload, time)
+            events[i] = found
+            if found & EVENT_SEGMENT:
+                cells[columns.segments + direction] += 1
+            if found & EVENT_RETRANSMISSION:
+                cells[columns.retransmitted + direction] += 1
+            if found & EVENT_HANDSHAKE:
+                cells[columns.handshakes + int(part.labels[i])] += 1
+            if found & EVENT_RTT:
+                cells[columns.rtt_buckets + int(np.searchsorted(RTT_BOUNDS_NS, elapsed))] += 1
+                cells[columns.rtt_sum_ns] += elapsed
+                rtt[i] = elapsed
+
+    def _track_frame(self, key: tuple, direction: int, flags: int, seq: int, ack: int, payload: int,
+                     time: int) -> tuple[int, int]:
+        """track_frame of walk.c: (EVENT_* bits, round trip in ns)."""
+        table = self._python_flows
+        flow = table.get(key)
+        if flags & SYN:
+            if direction == IN and not flags & ACK:
+                if flow is None:
+                    flow = self._insert(key)
                 else:
-                    events[i] |= state.segment(seq, payload)
+                    table.move_to_end(key)
+                if flow.stage == _STAGE_NONE or flow.client_isn != seq:
+                    flow.reset()
+                    flow.stage, flow.client_isn = _STAGE_SYN, seq
+                    flow.directions[IN] = _Direction((seq + 1) & _MASK32)
+            elif direction == OUT and flags & ACK and flow is not None:
+                table.move_to_end(key)
+                if flow.stage != _STAGE_NONE and ack == (flow.client_isn + 1) & _MASK32:
+                    flow.stage, flow.server_isn, flow.synack_time = _STAGE_SYN_ACK, seq, time
+                    flow.directions[OUT] = _Direction((seq + 1) & _MASK32)
+            return 0, 0
+        found = flow is not None
+        if not found:
+            if payload == 0:
+                return 0, 0
+            flow = self._insert(key)
+        else:
+            table.move_to_end(key)
+        events = elapsed = 0
+        if (found and flow.stage == _STAGE_SYN_ACK and direction == IN and flags & ACK
+                and ack == (flow.server_isn + 1) & _MASK32):
+            flow.stage = _STAGE_NONE
+            events = EVENT_HANDSHAKE
+            if time != NO_TIME and flow.synack_time != NO_TIME:
+                elapsed = max(0, time - flow.synack_time)
+                events |= EVENT_RTT
+        if payload > 0:
+            state = flow.directions[direction]
+            if state is None:
+                flow.directions[direction] = _Direction((seq + payload) & _MASK32)
+                events |= EVENT_SEGMENT
+            else:
+                events |= state.segment(seq, payload)
+        return events, elapsed
 
     def _insert(self, key: tuple) -> "_Flow":
         if len(self._python_flows) >= self.capacity:

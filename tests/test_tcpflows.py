@@ -1,24 +1,38 @@
 """The TCP flow tracker: exact handshake, retransmission and keep-alive semantics, compiled and Python alike."""
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter import tcpflows
-from exporter.tcpflows import (ACK, EVENT_HANDSHAKE, EVENT_RETRANSMISSION, EVENT_RTT, EVENT_SEGMENT, IN, NO_TIME,
-                               OUT, RST, SYN, FlowTable, TcpFrames)
+from exporter.decode import LINKTYPE_ETHERNET
+from exporter.frames import FrameBatch
+from exporter.headers import parse_frames
+from exporter.tcpflows import (ACK, EVENT_HANDSHAKE, EVENT_RESET, EVENT_RETRANSMISSION, EVENT_RTT, EVENT_SEGMENT, IN,
+                               OUT, RST, SYN, FlowTable, TcpFamily, tcp_columns)
 
 BOTH = [pytest.param(True, id="native"), pytest.param(False, id="python")]
 
 
-def frames(rows):
-    """TcpFrames from (flow number, direction, flags, seq, ack, payload, time ns) rows."""
-    rows = list(rows)
-    keys = np.array([[0, 0x0A000002 + flow, 0, 0x0A000001, 4 << 32 | (40000 + flow) << 16 | 80]
-                     for flow, *_ in rows], np.uint64).reshape(-1, 5)
-    columns = list(zip(*[row[1:] for row in rows])) if rows else [()] * 6
-    dtypes = (np.uint8, np.uint8, np.uint32, np.uint32, np.uint32, np.int64)
-    return TcpFrames(keys, *(np.array(column, dtype) for column, dtype in zip(columns, dtypes)))
+def batch_of_rows(rows):
+    """Ethernet/IPv4/TCP frames from (flow, direction, flags, seq, ack, payload, time us or None) rows.
+
+    Flow n is client 10.0.0.2 port 40000 + n with server 10.0.0.1 port 80.
+    """
+    pieces, spans, times, position = [], [], [], 0
+    for flow, direction, flags, seq, ack, payload, time in rows:
+        client, server = (0x0A000002, 40000 + flow), (0x0A000001, 80)
+        (src, sport), (dst, dport) = (client, server) if direction == IN else (server, client)
+        frame = (b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00"
+                 + struct.pack("!BBHHHBBHII", 0x45, 0, 40 + payload, 0, 0, 64, 6, 0, src, dst)
+                 + struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 1024, 0, 0) + bytes(payload))
+        pieces.append(frame)
+        spans.append((position, position + len(frame), len(frame)))
+        times.append(None if time is None else time / 1e6)
+        position += len(frame)
+    return FrameBatch.from_spans(LINKTYPE_ETHERNET, b"".join(pieces), spans, times)
 
 
 def table(native, capacity=100):
@@ -27,21 +41,34 @@ def table(native, capacity=100):
     return FlowTable(capacity, native=native)
 
 
+def track_batch(flows, batch, timestamps=True):
+    """Per frame (events, rtt ns), and the sums of the batch (all frames one client row)."""
+    result, (v4, v6) = parse_frames(batch.link_type, batch.buffer, batch.starts, batch.ends)
+    columns = tcp_columns(1)
+    sums = np.zeros((1, columns.width), np.int64)
+    parts = [TcpFamily(family, ip, ip.dst_lo == 0x0A000001, np.zeros(len(ip.index), np.int64),
+                       np.zeros(len(ip.index), np.uint8)) for family, ip in ((4, v4), (6, v6))]
+    (events, rtt), _ = flows.track(batch.buffer, batch.starts, batch.wire_lengths,
+                                   batch.timestamps if timestamps else None, parts, sums, columns)
+    return events, rtt, sums[0]
+
+
 def track(native, rows, capacity=100):
     flows = table(native, capacity)
-    events, rtt = flows.track(frames(rows))
+    events, rtt, _ = track_batch(flows, batch_of_rows(rows))
     return events.tolist(), rtt.tolist(), flows
 
 
 S, A = SYN, ACK
-NS = 1_000_000  # one millisecond
+MS = 1000  # one millisecond, in the rows' microseconds
+NS = 1_000_000  # one millisecond in ns
 
 
 @pytest.mark.parametrize("native", BOTH)
 def test_handshake_rtt_counts_from_the_last_syn_ack(native):
-    rows = [(0, IN, S, 1000, 0, 0, 0), (0, IN, S, 1000, 0, 0, 1000 * NS),  # SYN and its retransmission
-            (0, OUT, S | A, 5000, 1001, 0, 1001 * NS), (0, OUT, S | A, 5000, 1001, 0, 1003 * NS),
-            (0, IN, A, 1001, 5001, 0, 1015 * NS)]
+    rows = [(0, IN, S, 1000, 0, 0, 0), (0, IN, S, 1000, 0, 0, 1000 * MS),  # SYN and its retransmission
+            (0, OUT, S | A, 5000, 1001, 0, 1001 * MS), (0, OUT, S | A, 5000, 1001, 0, 1003 * MS),
+            (0, IN, A, 1001, 5001, 0, 1015 * MS)]
     events, rtt, flows = track(native, rows)
     assert events == [0, 0, 0, 0, EVENT_HANDSHAKE | EVENT_RTT]
     assert rtt[-1] == 12 * NS
@@ -50,9 +77,9 @@ def test_handshake_rtt_counts_from_the_last_syn_ack(native):
 
 @pytest.mark.parametrize("native", BOTH)
 def test_an_ack_of_the_wrong_number_or_without_syn_ack_completes_nothing(native):
-    rows = [(0, IN, S, 1000, 0, 0, 0), (0, IN, A, 1001, 5001, 0, NS),  # no SYN-ACK yet
-            (0, OUT, S | A, 5000, 999, 0, 2 * NS),  # acknowledges another SYN
-            (1, IN, S, 7, 0, 0, 0), (1, OUT, S | A, 70, 8, 0, NS), (1, IN, A, 8, 99, 0, 2 * NS)]
+    rows = [(0, IN, S, 1000, 0, 0, 0), (0, IN, A, 1001, 5001, 0, MS),  # no SYN-ACK yet
+            (0, OUT, S | A, 5000, 999, 0, 2 * MS),  # acknowledges another SYN
+            (1, IN, S, 7, 0, 0, 0), (1, OUT, S | A, 70, 8, 0, MS), (1, IN, A, 8, 99, 0, 2 * MS)]
     events, _, _ = track(native, rows)
     assert events == [0] * 6
 
@@ -86,6 +113,24 @@ def test_lru_eviction_counts_unmeasured_handshakes(native):
     assert (flows.flows, flows.evictions, flows.unmeasured) == (2, 3, 2)
 
 
+@pytest.mark.parametrize("native", BOTH)
+def test_resets_count_and_touch_no_flow_and_sums_follow_the_events(native):
+    rows = [(0, IN, S, 1, 0, 0, 0), (0, OUT, S | A, 9, 2, 0, 100), (0, IN, A, 2, 10, 0, 600),
+            (0, OUT, A, 10, 2, 50, 700), (0, OUT, A, 10, 2, 50, 800), (0, IN, RST | A, 2, 60, 0, 900),
+            (1, OUT, RST, 5, 0, 0, 1000)]
+    flows = table(native)
+    events, rtt, sums = track_batch(flows, batch_of_rows(rows))
+    columns = tcp_columns(1)
+    assert events.tolist() == [0, 0, EVENT_HANDSHAKE | EVENT_RTT, EVENT_SEGMENT,
+                               EVENT_SEGMENT | EVENT_RETRANSMISSION, EVENT_RESET, EVENT_RESET]
+    assert flows.flows == 1
+    assert sums[columns.resets:columns.resets + 2].tolist() == [1, 1]
+    assert sums[columns.segments:columns.segments + 2].tolist() == [0, 2]
+    assert sums[columns.retransmitted:columns.retransmitted + 2].tolist() == [0, 1]
+    assert sums[columns.handshakes] == 1 and sums[columns.rtt_sum_ns] == 500_000
+    assert sums[columns.rtt_buckets:columns.rtt_sum_ns].tolist() == [1] + [0] * 13  # 0.5 ms: le 0.0005
+
+
 @st.composite
 def traffic(draw):
     flows = draw(st.integers(1, 12))
@@ -95,11 +140,11 @@ def traffic(draw):
         flow = draw(st.integers(0, flows - 1))
         base = flow * 7919 + 2**32 - 5000
         rows.append((flow, draw(st.sampled_from([IN, OUT])),
-                     draw(st.sampled_from([A, A, A, S, S | A, A | 0x08, A | 0x01])),
+                     draw(st.sampled_from([A, A, A, S, S | A, A | 0x08, A | 0x01, RST, RST | A])),
                      (base + draw(st.integers(0, 9000))) % 2**32,
                      (base + draw(st.integers(-2, 3))) % 2**32,
                      draw(st.sampled_from([0, 0, 1, 100, 500, 1000])),
-                     draw(st.sampled_from([clock, clock, NO_TIME]))))
+                     draw(st.sampled_from([clock, clock, None]))))
     return rows
 
 
@@ -111,9 +156,9 @@ def test_native_and_python_trackers_agree(rows, capacity, split):
     results = []
     for native in (True, False):
         flows = FlowTable(capacity, native=native)
-        first, second = flows.track(frames(rows[:split])), flows.track(frames(rows[split:]))
-        events = np.concatenate([first[0], second[0]])
-        rtt = np.concatenate([first[1], second[1]])
-        measured = (events & EVENT_RTT) != 0
-        results.append((events.tolist(), rtt[measured].tolist(), flows.flows, flows.evictions, flows.unmeasured))
+        parts = [track_batch(flows, batch_of_rows(part)) for part in (rows[:split], rows[split:]) if part]
+        events = [e for part in parts for e in part[0].tolist()]
+        rtt = [r for part in parts for r in part[1].tolist()]
+        sums = sum((part[2] for part in parts), np.zeros(tcp_columns(1).width, np.int64)).tolist()
+        results.append((events, rtt, sums, flows.flows, flows.evictions, flows.unmeasured))
     assert results[0] == results[1]
