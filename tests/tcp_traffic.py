@@ -54,7 +54,8 @@ def build(path: Path) -> dict:
     """Write the capture to ``path``; return per client the figures TCP health must report."""
     frames: list = []
     # A (IPv4): HTTP, handshake 12.3 ms; the server's second segment retransmitted once; an
-    # out-of-order pair that fills its own hole (no retransmission); a keep-alive; a reset from the client.
+    # out-of-order pair that fills its own hole, and a gap filled 330 ms late (no retransmissions);
+    # a keep-alive; a reset from the client.
     a = Connection(frames, "10.0.0.2", 40001, 80, 1000, 2**31)
     a.handshake(0.0, 0.0123)
     a.send(0.02, "in", "PA", 100)
@@ -64,7 +65,9 @@ def build(path: Path) -> dict:
     first = a.seq["out"]
     a.send(0.26, "out", "A", 1000, seq=first + 1000)  # arrives before the segment in front of it
     a.send(0.261, "out", "A", 1000, seq=first)        # fills the hole: new data
-    a.seq["out"] = first + 2000
+    a.send(0.27, "out", "A", 1000, seq=first + 3000)  # another gap...
+    a.send(0.6, "out", "A", 1000, seq=first + 2000)   # ...filled late: still new data (tshark: "retransmission")
+    a.seq["out"] = first + 4000
     a.send(5.0, "in", "A", 1, seq=a.seq["in"] - 1)   # keep-alive: one byte below the next sequence number
     a.send(5.1, "in", "RA")
     # B (IPv4, VLAN 7): HTTPS, SYN sent twice, SYN-ACK sent twice: 40 ms from the last SYN-ACK; the
@@ -99,7 +102,7 @@ def build(path: Path) -> dict:
     frames.sort(key=lambda frame: frame.time)
     wrpcap(str(path), frames)
     return {
-        "10.0.0.2": {"handshakes": {"HTTP": 1}, "rtt": [0.0123], "segments": {"in": 1, "out": 5},
+        "10.0.0.2": {"handshakes": {"HTTP": 1}, "rtt": [0.0123], "segments": {"in": 1, "out": 7},
                      "retransmitted": {"in": 0, "out": 1}, "resets": {"in": 1, "out": 0}},
         "10.0.0.3": {"handshakes": {"HTTPS": 1}, "rtt": [0.040], "segments": {"in": 0, "out": 4},
                      "retransmitted": {"in": 0, "out": 1}, "resets": {"in": 0, "out": 0}},
