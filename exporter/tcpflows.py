@@ -74,6 +74,24 @@ def tcp_columns(labels: int) -> TcpColumns:
     return TcpColumns(0, rtt, rtt_sum, rtt_sum + 1, rtt_sum + 3, rtt_sum + 5, rtt_sum + 7)
 
 
+def rtt_quantile(quantile: float, buckets: Sequence[int]) -> Optional[float]:
+    """The ``quantile`` of round trips from per-bucket counts (``RTT_BUCKETS`` then +Inf), as Prometheus's
+    ``histogram_quantile`` estimates it: linear within the bucket; beyond the last bound, that bound.
+    None without observations."""
+    total = sum(buckets)
+    if total == 0:
+        return None
+    rank, below = quantile * total, 0
+    for index, count in enumerate(buckets):
+        if count and below + count >= rank:
+            if index == len(RTT_BUCKETS):
+                return RTT_BUCKETS[-1]
+            lower = RTT_BUCKETS[index - 1] if index else 0.0
+            return lower + (RTT_BUCKETS[index] - lower) * (rank - below) / count
+        below += count
+    return RTT_BUCKETS[-1]
+
+
 class TcpFamily(NamedTuple):
     """One IP family's frames of a batch, as the engine counted them."""
 

@@ -162,3 +162,16 @@ def test_native_and_python_trackers_agree(rows, capacity, split):
         sums = sum((part[2] for part in parts), np.zeros(tcp_columns(1).width, np.int64)).tolist()
         results.append((events, rtt, sums, flows.flows, flows.evictions, flows.unmeasured))
     assert results[0] == results[1]
+
+
+def test_rtt_quantile_interpolates_within_buckets_as_histogram_quantile_does():
+    from exporter.tcpflows import RTT_BUCKETS, rtt_quantile
+
+    buckets = [0] * (len(RTT_BUCKETS) + 1)
+    assert rtt_quantile(0.5, buckets) is None
+    buckets[RTT_BUCKETS.index(0.025)] = 2  # two in (0.01, 0.025]
+    buckets[RTT_BUCKETS.index(0.05)] = 2  # two in (0.025, 0.05]
+    assert rtt_quantile(0.5, buckets) == pytest.approx(0.025)  # rank 2: the top of the second bucket
+    assert rtt_quantile(0.25, buckets) == pytest.approx(0.0175)  # rank 1: half-way through (0.01, 0.025]
+    buckets[-1] = 10  # beyond 5 s: the last bound, as Prometheus answers
+    assert rtt_quantile(0.99, buckets) == 5.0
