@@ -322,3 +322,24 @@ def test_tcp_health_on_any_frames_leaves_the_byte_counts_exact(seed, batches, ca
         counts = counter.count(FrameBatch.from_spans(LINKTYPE_ETHERNET, buffer, spans))
         assert engine_sums(counts) == reference(LINKTYPE_ETHERNET, buffer, spans, servers)[0]
         assert counts.tcp.shape[0] == len(counts.family)
+
+
+@pytest.mark.parametrize("form", ["pcapng", "nanosecond-pcap"])
+def test_tcp_health_is_the_same_from_pcapng_and_nanosecond_pcap(tcp_capture, tmp_path, form):
+    """editcap (Wireshark) rewrites the capture; its frame times arrive through the pcapng reader, or as ns."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("editcap"):
+        pytest.skip("editcap not installed")
+    path, expected = tcp_capture
+    converted = tmp_path / f"tcp.{form}"
+    options = ["-F", "pcapng"] if form == "pcapng" else ["-F", "nsecpcap"]
+    subprocess.run(["editcap", *options, str(path), str(converted)], check=True, capture_output=True)
+    found = tcp_health_by_client(counted_with_tcp_health(converted)[0])
+    for client in found.values():
+        client["rtt_sum"] = round(client["rtt_sum"], 6)
+    truth = expected_health(expected)
+    for client in truth.values():
+        client["rtt_sum"] = round(client["rtt_sum"], 6)
+    assert found == truth
