@@ -231,7 +231,46 @@ class Tally:
                 "totals": self._rows(self._totals),
                 "results": dict(self._results),
                 "evictions": self._evictions,
+                **({} if self._tcp is None else {"tcp": {
+                    "clients": {self._names[slot]: self._health(self._tcp[slot]) for slot in self._slot_of.values()
+                                if self._tcp[slot].any()},
+                    "other": self._health(self._tcp[OTHER_SLOT]), "totals": self._health(self._tcp_totals)}}),
             }
+
+    def _health(self, row: np.ndarray) -> dict:
+        """One TCP health row as named counters (the column layout may change between versions)."""
+        columns = tcp_columns(len(self.labels))
+        pair = lambda first: [int(row[first]), int(row[first + 1])]  # noqa: E731
+        return {"handshakes": {label: int(row[columns.handshakes + index]) for index, label in enumerate(self.labels)
+                               if row[columns.handshakes + index]},
+                "rtt_buckets": row[columns.rtt_buckets:columns.rtt_sum_ns].tolist(),
+                "rtt_sum_ns": int(row[columns.rtt_sum_ns]), "segments": pair(columns.segments),
+                "retransmitted": pair(columns.retransmitted), "resets": pair(columns.resets)}
+
+    def _health_row(self, saved: object) -> np.ndarray:
+        """The row ``_health`` saved; ValueError on any other shape or value."""
+        columns = tcp_columns(len(self.labels))
+        if not isinstance(saved, dict) or set(saved) != {"handshakes", "rtt_buckets", "rtt_sum_ns", "segments",
+                                                         "retransmitted", "resets"}:
+            raise ValueError("bad TCP health counters")
+        row = np.zeros(columns.width, np.int64)
+        handshakes = saved["handshakes"]
+        if not isinstance(handshakes, dict) or not set(handshakes) <= set(self.labels):
+            raise ValueError(f"bad TCP handshakes {handshakes!r}")
+        for label, value in handshakes.items():
+            row[columns.handshakes + self.labels.index(label)] = count(value)
+        buckets = saved["rtt_buckets"]
+        if not isinstance(buckets, list) or len(buckets) != columns.rtt_sum_ns - columns.rtt_buckets:
+            raise ValueError(f"bad TCP round-trip buckets {buckets!r}")
+        row[columns.rtt_buckets:columns.rtt_sum_ns] = [count(value) for value in buckets]
+        row[columns.rtt_sum_ns] = count(saved["rtt_sum_ns"])
+        for name in ("segments", "retransmitted", "resets"):
+            pair = saved[name]
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError(f"bad TCP {name} {pair!r}")
+            first = getattr(columns, name)
+            row[first:first + 2] = [count(value) for value in pair]
+        return row
 
     def _rows(self, cells: np.ndarray) -> list:
         return [[DIRECTIONS[direction], self.labels[label], int(cells[0, direction, label]),
@@ -281,9 +320,24 @@ class Tally:
             raise ValueError("results must be a mapping")
         results = {result: count(results.get(result, 0)) for result in RESULTS}
         evictions = count(state["evictions"])
-        return lambda: self._restore(restored, other, totals, results, evictions)
+        health = self._prepare_health(state.get("tcp"), {name for _, name, _ in restored})
+        return lambda: self._restore(restored, other, totals, results, evictions, health)
 
-    def _restore(self, restored: list, other: np.ndarray, totals: np.ndarray, results: dict, evictions: int) -> None:
+    def _prepare_health(self, saved: object, clients: set) -> Optional[tuple[dict, np.ndarray, np.ndarray]]:
+        """TCP health saved by a version 3 file: (client rows, other, totals); None when absent or off."""
+        if saved is None or self._tcp is None:
+            return None
+        if not isinstance(saved, dict) or not isinstance(saved.get("clients"), dict):
+            raise ValueError("bad TCP health part")
+        rows = {}
+        for name, values in saved["clients"].items():
+            if name not in clients:
+                raise ValueError(f"TCP health for {name!r}, a client without counters")
+            rows[name] = self._health_row(values)
+        return rows, self._health_row(saved["other"]), self._health_row(saved["totals"])
+
+    def _restore(self, restored: list, other: np.ndarray, totals: np.ndarray, results: dict, evictions: int,
+                 health: Optional[tuple[dict, np.ndarray, np.ndarray]] = None) -> None:
         now = self.clock()
         with self._lock:
             for idle, name, cells in restored:
@@ -295,6 +349,8 @@ class Tally:
                     break
                 self._counts[slot] += cells
                 self._taken[slot] += cells  # restored counts are no new traffic for the history
+                if health is not None and name in health[0]:
+                    self._tcp[slot] += health[0][name]
             for target in (self._counts[OTHER_SLOT], self._taken[OTHER_SLOT]):
                 target += other
             self._totals += totals
@@ -302,6 +358,9 @@ class Tally:
             for result, frames in results.items():
                 self._results[result] += frames
             self._evictions += evictions
+            if health is not None:
+                self._tcp[OTHER_SLOT] += health[1]
+                self._tcp_totals += health[2]
 
 
 def count(value: object) -> int:
