@@ -28,6 +28,7 @@ OTHER_SLOT = 0
 DEFAULT_MAX_CLIENTS = 500
 DEFAULT_CLIENT_IDLE_SECONDS = 900
 DEFAULT_MAX_TCP_FLOWS = 100_000
+WINDOW_HEALTH_WIDTH = 16  # window_health: 14 round-trip buckets, segments, retransmitted
 INITIAL_SLOTS = 64  # the table grows by doubling up to max_clients + 1 rows
 MAX_COUNT = 2 ** 63 - 1  # what a saved counter may hold
 
@@ -73,6 +74,17 @@ class Bucket(NamedTuple):
     totals: np.ndarray  # (bytes | packets, direction, label), exact
     clients: list[str]
     counts: np.ndarray  # (client, direction, label) -> bytes
+    health: Optional[np.ndarray] = None  # (client, window_health column); None: TCP health off
+
+
+def window_health(tcp: np.ndarray, labels: int) -> np.ndarray:
+    """What the REST history keeps of TCP health rows (clients, tcp_columns): round trips per bucket,
+    then payload segments and retransmitted ones, both directions together (WINDOW_HEALTH_WIDTH columns)."""
+    columns = tcp_columns(labels)
+    return np.concatenate([tcp[:, columns.rtt_buckets:columns.rtt_sum_ns],
+                           tcp[:, columns.segments:columns.segments + 2].sum(axis=1, keepdims=True),
+                           tcp[:, columns.retransmitted:columns.retransmitted + 2].sum(axis=1, keepdims=True)],
+                          axis=1)
 
 
 class Tally:
@@ -100,11 +112,13 @@ class Tally:
         self._free = list(range(slots - 1, 0, -1))
         self._totals = np.zeros(self._cell_shape, np.int64)
         self._taken_totals = np.zeros_like(self._totals)
-        self._evicted_detail: list[tuple[str, np.ndarray]] = []  # evicted since the last take: name, bytes
+        # evicted since the last take: name, bytes, TCP health (None when off)
+        self._evicted_detail: list[tuple[str, np.ndarray, Optional[np.ndarray]]] = []
         self._results = dict.fromkeys(RESULTS, 0)
         self._evictions = 0
         self._tcp_width = tcp_columns(len(self.labels)).width
         self._tcp = np.zeros((slots, self._tcp_width), np.int64) if max_tcp_flows is not None else None
+        self._taken_tcp = None if self._tcp is None else np.zeros_like(self._tcp)  # at the last take_bucket
         self._tcp_totals = np.zeros(self._tcp_width, np.int64)
         self._tcp_table = (0, 0, 0)
         self._last_expiry = clock()
@@ -154,6 +168,7 @@ class Tally:
         self._last_seen = np.concatenate([self._last_seen, np.zeros(new - old)])
         if self._tcp is not None:
             self._tcp = np.concatenate([self._tcp, np.zeros((new - old, self._tcp_width), np.int64)])
+            self._taken_tcp = np.concatenate([self._taken_tcp, np.zeros((new - old, self._tcp_width), np.int64)])
         self._keys += [None] * (new - old)
         self._names += [""] * (new - old)
         self._free = list(range(new - 1, old - 1, -1))
@@ -174,38 +189,49 @@ class Tally:
                 continue
             unseen = self._counts[slot, 0] - self._taken[slot, 0]
             if unseen.any():  # counted since the last take: the history still gets it
-                self._evicted_detail.append((self._names[slot], unseen))
+                self._evicted_detail.append((self._names[slot], unseen, None if self._tcp is None
+                                             else self._tcp[slot] - self._taken_tcp[slot]))
             self._counts[slot] = self._taken[slot] = 0
             if self._tcp is not None:
-                self._tcp[slot] = 0
+                self._tcp[slot] = self._taken_tcp[slot] = 0
             del self._slot_of[key]
             self._keys[slot] = None
             self._free.append(slot)
             self._evictions += 1
 
     def take_bucket(self) -> Bucket:
-        """What was counted since the previous call: exact totals, and bytes per client."""
+        """What was counted since the previous call: exact totals, bytes per client, and with TCP
+        health each client's ``window_health``."""
         with self._lock:
             totals = self._totals - self._taken_totals
             self._taken_totals = self._totals.copy()
             delta = self._counts[:, 0] - self._taken[:, 0]
             rows = np.flatnonzero(delta.any(axis=(1, 2)))
             np.copyto(self._taken, self._counts)
+            tcp = None
+            if self._tcp is not None:  # a TCP event always comes with its frame's bytes: same rows
+                tcp = (self._tcp - self._taken_tcp)[rows]
+                np.copyto(self._taken_tcp, self._tcp)
             evicted, self._evicted_detail = self._evicted_detail, []
         names = [self._names[row] for row in rows.tolist()]
         counts = delta[rows]
         if evicted:  # a client evicted, and maybe back, within the second: one row per name
             index = {name: row for row, name in enumerate(names)}
-            extra = []
-            for name, detail in evicted:
+            extra, extra_tcp = [], []
+            for name, detail, health in evicted:
                 if name in index:
                     counts[index[name]] += detail
+                    if tcp is not None:
+                        tcp[index[name]] += health
                 else:
                     index[name] = len(names)
                     names.append(name)
                     extra.append(detail)
+                    extra_tcp.append(health)
             counts = np.concatenate([counts, np.array(extra, np.int64).reshape(-1, *self._cell_shape[1:])])
-        return Bucket(totals, names, counts)
+            if tcp is not None:
+                tcp = np.concatenate([tcp, np.array(extra_tcp, np.int64).reshape(-1, self._tcp_width)])
+        return Bucket(totals, names, counts, None if tcp is None else window_health(tcp, len(self.labels)))
 
     def snapshot(self) -> TallySnapshot:
         """Copy the cumulative counters consistently."""
@@ -351,6 +377,7 @@ class Tally:
                 self._taken[slot] += cells  # restored counts are no new traffic for the history
                 if health is not None and name in health[0]:
                     self._tcp[slot] += health[0][name]
+                    self._taken_tcp[slot] += health[0][name]
             for target in (self._counts[OTHER_SLOT], self._taken[OTHER_SLOT]):
                 target += other
             self._totals += totals
@@ -360,6 +387,7 @@ class Tally:
             self._evictions += evictions
             if health is not None:
                 self._tcp[OTHER_SLOT] += health[1]
+                self._taken_tcp[OTHER_SLOT] += health[1]
                 self._tcp_totals += health[2]
 
 
