@@ -16,18 +16,24 @@ from exporter.tcpflows import (ACK, EVENT_HANDSHAKE, EVENT_RESET, EVENT_RETRANSM
 BOTH = [pytest.param(True, id="native"), pytest.param(False, id="python")]
 
 
-def batch_of_rows(rows):
-    """Ethernet/IPv4/TCP frames from (flow, direction, flags, seq, ack, payload, time us or None) rows.
+def batch_of_rows(rows, ipv6_flows=()):
+    """Ethernet/IP/TCP frames from (flow, direction, flags, seq, ack, payload, time us or None) rows.
 
-    Flow n is client 10.0.0.2 port 40000 + n with server 10.0.0.1 port 80.
+    Flow n is client 10.0.0.2 (fd00::2 for the flows in ``ipv6_flows``) port 40000 + n with the
+    server 10.0.0.1 (fd00::1) port 80.
     """
     pieces, spans, times, position = [], [], [], 0
     for flow, direction, flags, seq, ack, payload, time in rows:
-        client, server = (0x0A000002, 40000 + flow), (0x0A000001, 80)
+        v6 = flow in ipv6_flows
+        client, server = ((b"\xfd" + bytes(14) + b"\x02", 40000 + flow), (b"\xfd" + bytes(14) + b"\x01", 80)) if v6 \
+            else ((b"\x0a\0\0\x02", 40000 + flow), (b"\x0a\0\0\x01", 80))
         (src, sport), (dst, dport) = (client, server) if direction == IN else (server, client)
-        frame = (b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00"
-                 + struct.pack("!BBHHHBBHII", 0x45, 0, 40 + payload, 0, 0, 64, 6, 0, src, dst)
-                 + struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 1024, 0, 0) + bytes(payload))
+        tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 1024, 0, 0) + bytes(payload)
+        if v6:
+            ip = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src + dst
+        else:
+            ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0) + src + dst
+        frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02" + (b"\x86\xdd" if v6 else b"\x08\x00") + ip + tcp
         pieces.append(frame)
         spans.append((position, position + len(frame), len(frame)))
         times.append(None if time is None else time / 1e6)
@@ -42,14 +48,18 @@ def table(native, capacity=100):
 
 
 def track_batch(flows, batch, timestamps=True):
-    """Per frame (events, rtt ns), and the sums of the batch (all frames one client row)."""
+    """Per frame of the batch (events, rtt ns), and the batch's sums (all frames one client row)."""
     result, (v4, v6) = parse_frames(batch.link_type, batch.buffer, batch.starts, batch.ends)
     columns = tcp_columns(1)
     sums = np.zeros((1, columns.width), np.int64)
-    parts = [TcpFamily(family, ip, ip.dst_lo == 0x0A000001, np.zeros(len(ip.index), np.int64),
-                       np.zeros(len(ip.index), np.uint8)) for family, ip in ((4, v4), (6, v6))]
-    (events, rtt), _ = flows.track(batch.buffer, batch.starts, batch.wire_lengths,
-                                   batch.timestamps if timestamps else None, parts, sums, columns)
+    # the server: 10.0.0.1, or fd00::1 (whose low half is 1)
+    parts = [TcpFamily(family, ip, ip.dst_lo == server, np.zeros(len(ip.index), np.int64),
+                       np.zeros(len(ip.index), np.uint8)) for family, ip, server in ((4, v4, 0x0A000001), (6, v6, 1))]
+    results = flows.track(batch.buffer, batch.starts, batch.wire_lengths, batch.timestamps if timestamps else None,
+                          parts, sums, columns)
+    events, rtt = np.zeros(len(batch), np.uint8), np.zeros(len(batch), np.int64)
+    for part, (part_events, part_rtt) in zip(parts, results):
+        events[part.frames.index], rtt[part.frames.index] = part_events, part_rtt
     return events, rtt, sums[0]
 
 
@@ -149,14 +159,17 @@ def traffic(draw):
 
 
 @settings(max_examples=250, deadline=None)
-@given(rows=traffic(), capacity=st.integers(1, 16), split=st.integers(0, 300))
-def test_native_and_python_trackers_agree(rows, capacity, split):
+@given(rows=traffic(), capacity=st.integers(1, 16), split=st.integers(0, 300),
+       ipv6_flows=st.sets(st.integers(0, 11)))
+def test_native_and_python_trackers_agree(rows, capacity, split, ipv6_flows):
+    """Any traffic, IPv4 and IPv6 interleaved (one batch is walked in capture order across both), any
+    table size, batches cut anywhere: the same events, round trips, sums and table figures."""
     if tcpflows.native_library() is None:
         pytest.skip("exporter/native/walk.so is not built")
     results = []
     for native in (True, False):
         flows = FlowTable(capacity, native=native)
-        parts = [track_batch(flows, batch_of_rows(part)) for part in (rows[:split], rows[split:]) if part]
+        parts = [track_batch(flows, batch_of_rows(part, ipv6_flows)) for part in (rows[:split], rows[split:]) if part]
         events = [e for part in parts for e in part[0].tolist()]
         rtt = [r for part in parts for r in part[1].tolist()]
         sums = sum((part[2] for part in parts), np.zeros(tcp_columns(1).width, np.int64)).tolist()
@@ -175,3 +188,17 @@ def test_rtt_quantile_interpolates_within_buckets_as_histogram_quantile_does():
     assert rtt_quantile(0.25, buckets) == pytest.approx(0.0175)  # rank 1: half-way through (0.01, 0.025]
     buckets[-1] = 10  # beyond 5 s: the last bound, as Prometheus answers
     assert rtt_quantile(0.99, buckets) == 5.0
+
+
+@pytest.mark.parametrize("native", BOTH)
+def test_the_least_recently_seen_flow_is_evicted_in_capture_order_across_ip_families(native):
+    rows = [(0, IN, A, 1, 1, 10, 0),    # flow 0 (IPv4)
+            (1, IN, A, 1, 1, 10, 0),    # flow 1 (IPv6)
+            (0, IN, A, 1, 1, 10, 0),    # flow 0 again: a retransmission, and now the most recent
+            (2, IN, A, 1, 1, 10, 0),    # flow 2 (IPv4): the table is full, flow 1 is the least recent
+            (1, IN, A, 1, 1, 10, 0)]    # flow 1 again: forgotten, so new data
+    flows = table(native, capacity=2)
+    events, _, _ = track_batch(flows, batch_of_rows(rows, ipv6_flows={1}))
+    seg, re = EVENT_SEGMENT, EVENT_SEGMENT | EVENT_RETRANSMISSION
+    assert events.tolist() == [seg, seg, re, seg, seg]
+    assert flows.evictions == 2
