@@ -37,8 +37,8 @@ def _load() -> Optional[ctypes.CDLL]:
         library.chained_records.restype = None
         library.chained_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
         return library
-    log.info("walk.so is not built (scripts/install.sh builds it): walking capture records in Python, "
-             "several times slower")
+    log.info("walk.so is not built (scripts/install.sh builds it): walking capture records and tracking TCP "
+             "flows in Python, several times slower (--tcp-health off spares the latter)")
     return None
 
 
