@@ -217,7 +217,8 @@ static int32_t flow_insert(struct flow_table *t, const uint64_t *key, uint32_t h
         while (t->slot[old_slot] != entry)
             old_slot = (old_slot + 1) & mask;
         lru_unlink(t, flow);
-        __builtin_prefetch(&t->flows[t->tail]);  /* the next to go */
+        if (t->tail >= 0)
+            __builtin_prefetch(&t->flows[t->tail]);  /* the next to go */
         slot_delete(t, old_slot);
         flow_find(t, key, hash, &slot);  /* the deletion may have moved the free slot */
     }
