@@ -19,6 +19,8 @@ number seen plus up to ``HOLES`` ranges not yet seen below it (so a reordered se
 hole is new data; with more holes the one furthest behind is forgotten). A keep-alive (at most one
 byte at the highest sequence number minus one) is no segment at all. SYN segments are never payload
 segments; the connection's state starts at a client's SYN or at the first payload segment seen.
+Frame times are taken to the microsecond: batches carry them as float seconds, which hold epoch
+times to about 0.24 us, so rounding to the microsecond gives microsecond captures' times exactly.
 """
 from __future__ import annotations
 
