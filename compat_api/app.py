@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from exporter.capture import CaptureStatus
+from exporter.tcpflows import rtt_quantile
 
 from .history import ClientsView, History, SecondsView
 
@@ -168,6 +169,9 @@ def index_body(status: CaptureStatus, servers: Sequence[str]) -> dict[str, Any]:
 def traffic_body(view: ClientsView, labels: Sequence[str], limit: int) -> dict[str, Any]:
     """``GET /traffic``: bytes per client over the window, biggest first."""
     clients = [client_entry(client, counts, labels) for client, counts in zip(view.clients, view.counts)]
+    if view.health is not None:
+        for entry, health in zip(clients, view.health):
+            entry.update(tcp_health_entry(health))
     clients.sort(key=lambda entry: (-entry["total"], entry["ip"]))
     return {"window": view.seconds, "clients": clients[:limit], "generated_at": time.time()}
 
@@ -178,6 +182,15 @@ def client_entry(client: str, counts: np.ndarray, labels: Sequence[str]) -> dict
     protocols = dict(zip(labels, (int(value) for value in counts.sum(axis=0))))
     return {"ip": client, "bytes_in": bytes_in, "bytes_out": bytes_out, "total": bytes_in + bytes_out,
             "protocols": protocols}
+
+
+def tcp_health_entry(health: np.ndarray) -> dict[str, Optional[float]]:
+    """A client's TCP health over the window, from its ``tally.window_health`` row: the median handshake
+    round trip (estimated from the histogram buckets) and the retransmitted share of payload segments;
+    None where there is nothing to measure."""
+    buckets, segments, retransmitted = health[:-2].tolist(), int(health[-2]), int(health[-1])
+    return {"handshake_rtt_p50_seconds": rtt_quantile(0.5, buckets),
+            "retransmission_ratio": retransmitted / segments if segments else None}
 
 
 def protocols_body(view: SecondsView, labels: Sequence[str]) -> dict[str, Any]:

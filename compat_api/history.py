@@ -45,6 +45,7 @@ class Detail(NamedTuple):
     seconds: int
     clients: tuple[str, ...]
     counts: np.ndarray  # (len(clients), direction, protocol) -> bytes
+    health: Optional[np.ndarray] = None  # (len(clients), tally.window_health column); None: no TCP health
 
 
 class SecondsView(NamedTuple):
@@ -60,22 +61,30 @@ class ClientsView(NamedTuple):
     seconds: int
     clients: list[str]
     counts: np.ndarray  # (client, direction, protocol) -> bytes
+    health: Optional[np.ndarray] = None  # (client, tally.window_health column); None: no TCP health kept
 
 
 def fold_small_clients(clients: Sequence[str], counts: np.ndarray, keep: int = MAX_BUCKET_CLIENTS
                        ) -> tuple[tuple[str, ...], np.ndarray]:
     """Keep the ``keep`` biggest clients (ties by name) and add every other one into ``other``."""
+    clients, counts, _ = _fold(clients, counts, None, keep)
+    return clients, counts
+
+
+def _fold(clients: Sequence[str], counts: np.ndarray, health: Optional[np.ndarray], keep: int = MAX_BUCKET_CLIENTS
+          ) -> tuple[tuple[str, ...], np.ndarray, Optional[np.ndarray]]:
+    """fold_small_clients, folding each client's TCP health (if any) alike."""
     clients = list(clients)
     named = [index for index, client in enumerate(clients) if client != OTHER_CLIENT]
     if len(named) <= keep:
-        return tuple(clients), counts
+        return tuple(clients), counts, health
     sizes = counts.reshape(len(clients), -1).sum(axis=1)
     named.sort(key=lambda index: (-int(sizes[index]), clients[index]))
     kept, folded = named[:keep], named[keep:]
     if OTHER_CLIENT in clients:
         folded.append(clients.index(OTHER_CLIENT))
-    other = counts[folded].sum(axis=0, keepdims=True)
-    return (*(clients[index] for index in kept), OTHER_CLIENT), np.concatenate([counts[kept], other])
+    fold = lambda values: np.concatenate([values[kept], values[folded].sum(axis=0, keepdims=True)])  # noqa: E731
+    return (*(clients[index] for index in kept), OTHER_CLIENT), fold(counts), None if health is None else fold(health)
 
 
 def merge_details(first: int, seconds: int, details: Sequence[Detail]) -> Detail:
@@ -85,9 +94,22 @@ def merge_details(first: int, seconds: int, details: Sequence[Detail]) -> Detail
         for client in detail.clients:
             index.setdefault(client, len(index))
     counts = np.zeros((len(index), *details[0].counts.shape[1:]), np.int64)
+    health = _sum_health(index, details)
     for detail in details:
         counts[[index[client] for client in detail.clients]] += detail.counts
-    return Detail(first, seconds, *fold_small_clients(list(index), counts))
+    return Detail(first, seconds, *_fold(list(index), counts, health))
+
+
+def _sum_health(index: dict[str, int], details: Sequence[Detail]) -> Optional[np.ndarray]:
+    """The TCP health of ``details`` per client of ``index``; None when none of them has any."""
+    widths = {detail.health.shape[1] for detail in details if detail.health is not None}
+    if not widths:
+        return None
+    health = np.zeros((len(index), widths.pop()), np.int64)
+    for detail in details:
+        if detail.health is not None:
+            health[[index[client] for client in detail.clients]] += detail.health
+    return health
 
 
 class History:
@@ -139,9 +161,10 @@ class History:
         with self._tick_lock:
             bucket = self.tally.take_bucket()
             with self._lock:
-                self._append(math.floor(now) - 1, bucket.totals, bucket.clients, bucket.counts)
+                self._append(math.floor(now) - 1, bucket.totals, bucket.clients, bucket.counts, bucket.health)
 
-    def _append(self, stamp: int, totals: np.ndarray, clients: Sequence[str], counts: np.ndarray) -> None:
+    def _append(self, stamp: int, totals: np.ndarray, clients: Sequence[str], counts: np.ndarray,
+                health: Optional[np.ndarray] = None) -> None:
         ring = self._totals
         if self._newest is not None and stamp <= self._newest:
             stamp = self._newest  # the clock did not advance: add into the newest second
@@ -158,12 +181,12 @@ class History:
         if not clients:
             self._age_detail()
             return
-        clients, counts = fold_small_clients(clients, counts)
+        detail = Detail(stamp, 1, *_fold(clients, counts, health))
         if self._fine and self._fine[-1].first == stamp:
             newest = self._fine.pop()
-            self._fine.append(merge_details(stamp, 1, [newest, Detail(stamp, 1, clients, counts)]))
+            self._fine.append(merge_details(stamp, 1, [newest, detail]))
         else:
-            self._fine.append(Detail(stamp, 1, clients, counts))
+            self._fine.append(detail)
         self._age_detail()
 
     def _age_detail(self) -> None:
@@ -220,7 +243,7 @@ class History:
         counts = np.zeros((len(index), len(DIRECTIONS), len(self.labels)), np.int64)
         for detail in chosen:
             counts[[index[client] for client in detail.clients]] += detail.counts
-        return ClientsView(newest - covered_start + 1, list(index), counts)
+        return ClientsView(newest - covered_start + 1, list(index), counts, _sum_health(index, chosen))
 
     def export_state(self) -> dict:
         """The history as JSON-ready data, for ``--state-file``: seconds with traffic, and the detail."""

@@ -18,12 +18,29 @@ from .decode import MALFORMED, NOT_IP, decode_frame
 from .frames import FrameBatch
 from .headers import (IGNORED_INTERNAL, IGNORED_MALFORMED, IGNORED_NOT_IP, IGNORED_NOT_SERVER, SLOW,
                       parse_frames)
+from .tcpflows import FlowTable, TcpFamily, tcp_columns
 
 IGNORED = {IGNORED_NOT_IP: NOT_IP, IGNORED_NOT_SERVER: NOT_SERVER, IGNORED_INTERNAL: INTERNAL,
            IGNORED_MALFORMED: MALFORMED}
 NO_LABEL = 255
 PORT_ROW = 65537  # the label table has a row per protocol, indexed by port + 1 (0: no port)
 _U64 = np.uint64
+
+
+def _rows_by_sorting(rows: np.ndarray, family: np.ndarray, hi: np.ndarray, lo: np.ndarray,
+                     sums: BatchCounts) -> tuple[np.ndarray, BatchCounts]:
+    """Rows for the frames without one (``rows`` -1): a row per distinct client, appended without bytes."""
+    missing = np.flatnonzero(rows < 0)
+    _, first, inverse = np.unique(np.rec.fromarrays([family[missing], hi[missing], lo[missing]]),
+                                  return_index=True, return_inverse=True)
+    rows = rows.copy()
+    rows[missing] = len(sums.family) + inverse.reshape(-1)
+    extra = missing[first]
+    grown = sums._replace(family=np.concatenate([sums.family, family[extra]]),
+                          hi=np.concatenate([sums.hi, hi[extra]]), lo=np.concatenate([sums.lo, lo[extra]]),
+                          counts=np.concatenate([sums.counts, np.zeros((len(extra), *sums.counts.shape[1:]),
+                                                                       np.int64)]))
+    return rows, grown
 
 
 class ServerMatcher:
@@ -55,7 +72,9 @@ class FrameCounter:
     """Counts batches of frames for one server set (which may be replaced), port map and client prefix lengths."""
 
     def __init__(self, servers: ServerSet, port_labels: Mapping[tuple[int, int], str], labels: Sequence[str],
-                 grouping: Optional[ClientGrouping] = None, client_index_capacity: int = CLIENT_INDEX_CAPACITY):
+                 grouping: Optional[ClientGrouping] = None, client_index_capacity: int = CLIENT_INDEX_CAPACITY,
+                 tcp_flows: Optional[FlowTable] = None):
+        self.tcp_flows = tcp_flows  # None: TCP health off, and nothing of it on the hot path
         self._matcher = ServerMatcher(servers)
         self.port_labels = port_labels
         self.labels = tuple(labels)
@@ -71,6 +90,7 @@ class FrameCounter:
         for (protocol, port), label in port_labels.items():
             self._port_label[self._protocol_row[protocol] + port + 1] = self._label_index[label]
         self._clients = ClientIndex(len(DIRECTIONS) * len(self.labels), client_index_capacity)
+        self._tcp_columns = tcp_columns(len(self.labels))
 
     @property
     def servers(self) -> ServerSet:
@@ -94,6 +114,8 @@ class FrameCounter:
                                       np.arange(frames))
         result, families = parsed
         columns = []  # per family: frame index, client hi, client lo, direction, label
+        tcp_parts = []  # per family, with TCP health: its frames, which were counted, and where in the columns
+        position = 0
         for family, ip in zip((FAMILY_V4, FAMILY_V6), families):
             src_server = matcher.contains(family, ip.src_hi, ip.src_lo)
             dst_server = matcher.contains(family, ip.dst_hi, ip.dst_lo)
@@ -108,11 +130,16 @@ class FrameCounter:
                             np.where(inbound, 0, 1),
                             self._label(take(ip.protocol), np.where(inbound, dport, sport),
                                         np.where(inbound, sport, dport))))
+            if self.tcp_flows is not None:  # the tracker skips what is not counted or not TCP
+                tcp_parts.append((family, ip, dst_server, ~ignored, position, len(inbound)))
+            position += len(inbound)
         index, family, hi, lo, direction, label = (np.concatenate(parts) for parts in zip(*columns))
         hi, lo = self.grouping.mask(family, hi, lo)
         sums = self._clients.sum(index, family, hi, lo, direction * len(self.labels) + label,
-                                 wire_lengths[index])
+                                 wire_lengths[index], frame_rows=self.tcp_flows is not None)
         sums = sums._replace(counts=sums.counts.reshape(-1, 2, len(DIRECTIONS), len(self.labels)))
+        if self.tcp_flows is not None:
+            sums = self._tcp_health(batch, tcp_parts, label, (family, hi, lo), sums)
         ignored = {IGNORED[code]: frames for code, frames in enumerate(np.bincount(result, minlength=SLOW + 1).tolist())
                    if code in IGNORED and frames}
         slow = np.flatnonzero(result == SLOW)
@@ -122,6 +149,25 @@ class FrameCounter:
         for reason, frames in slowly.ignored.items():
             ignored[reason] = ignored.get(reason, 0) + frames
         return concatenate(sums._replace(ignored=ignored), slowly)
+
+    def _tcp_health(self, batch: FrameBatch, tcp_parts: list, label: np.ndarray, clients: tuple,
+                    sums: BatchCounts) -> BatchCounts:
+        """``sums`` with the TCP health sums of the batch's TCP frames, per client row."""
+        rows = self._clients.frame_rows
+        if (rows < 0).any():  # frames the client index summed by sorting: rows of their own, no bytes
+            rows, sums = _rows_by_sorting(rows, *clients, sums)
+        families = []
+        for family, ip, inbound, counted, position, count in tcp_parts:
+            frame_rows = np.full(len(ip.index), -1, np.int64)
+            frame_rows[counted] = rows[position:position + count]
+            labels = np.zeros(len(ip.index), np.uint8)
+            labels[counted] = label[position:position + count]
+            families.append(TcpFamily(family, ip, inbound, frame_rows, labels))
+        tcp = np.zeros((len(sums.family), self._tcp_columns.width), np.int64)
+        table = self.tcp_flows
+        table.track(batch.buffer, batch.starts, batch.wire_lengths, batch.timestamps, families, tcp,
+                    self._tcp_columns)
+        return sums._replace(tcp=tcp, tcp_table=(table.flows, table.evictions, table.unmeasured))
 
     def _empty(self) -> BatchCounts:
         return empty_counts(len(self.labels))

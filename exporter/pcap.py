@@ -148,11 +148,11 @@ def _walk(buffer, at: int, layout: _Layout, base: int, path: str) -> Generator[F
         return at
     words = np.ndarray((len(buffer) - 3,), layout.fields, buffer, 0, (1,))
     while True:
-        offsets, at, corrupt = pcap_records(buffer, at, layout.order, BATCH_FRAMES, MAX_RECORD)
+        offsets, at, corrupt, stamps = pcap_records(buffer, at, layout.order, BATCH_FRAMES, MAX_RECORD,
+                                                    layout.units if layout.timestamps else None)
         if len(offsets):
             starts = offsets + RECORD_HEADER
             captured, wire = words[offsets + 8].astype(np.int64), words[offsets + 12].astype(np.int64)
-            stamps = words[offsets] + words[offsets + 4] / layout.units if layout.timestamps else None
             yield FrameBatch(layout.link_type, buffer, starts, starts + captured, np.where(wire > 0, wire, captured),
                              stamps)
         if corrupt:

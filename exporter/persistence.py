@@ -15,8 +15,9 @@ from typing import Callable, Optional
 log = logging.getLogger(__name__)
 
 FORMAT = "traffic-exporter-state"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 (no exact totals, no idle times) is read for upgrades
+VERSION = 3
+# version 1 (no exact totals, no idle times) and 2 (no TCP health) are read for upgrades
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def save_state(path: str, parts: dict) -> None:

@@ -14,6 +14,7 @@ from .engine import FrameCounter
 from .replay import PcapSource
 from .progress import Progress, human_bytes
 from .tally import RESULTS, Tally
+from .tcpflows import rtt_quantile, tcp_columns
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,34 @@ def report(tally: Tally, labels: tuple[str, ...], servers: ServerSet) -> dict:
                 "packets_out": packets[1], "total": nbytes[0] + nbytes[1], "protocols": dict(zip(labels, protocols))}
                for client, (nbytes, packets), protocols in zip(snapshot.clients, by_direction, by_label)
                if packets[0] or packets[1]]
+    if snapshot.tcp is not None:
+        health = {client: row for client, row in zip(snapshot.clients, snapshot.tcp)}
+        for client in clients:
+            client["tcp"] = tcp_health(health[client["ip"]], labels)
     clients.sort(key=lambda c: (-c["total"], c["ip"]))
-    return {
+    summary = {
         "servers": list(servers.addresses),
         "clients": clients,
         "ignored": {reason: snapshot.results[reason] for reason in RESULTS if reason != "counted"},
         "total_bytes": sum(c["total"] for c in clients),
         "packets": snapshot.results["counted"],
     }
+    if snapshot.tcp is not None:
+        summary["tcp"] = tcp_health(snapshot.tcp_totals, labels)
+    return summary
+
+
+def tcp_health(row, labels: tuple[str, ...]) -> dict:
+    """One client's (or all clients') TCP health sums as JSON-ready figures."""
+    columns = tcp_columns(len(labels))
+    pair = lambda first: {"in": int(row[first]), "out": int(row[first + 1])}  # noqa: E731
+    buckets = row[columns.rtt_buckets:columns.rtt_sum_ns].tolist()
+    median = rtt_quantile(0.5, buckets)
+    return {"handshakes": int(row[columns.handshakes:columns.handshakes + len(labels)].sum()),
+            "handshake_rtt_p50_seconds": None if median is None else round(median, 6),
+            "handshake_rtt_mean_seconds": round(int(row[columns.rtt_sum_ns]) / sum(buckets) / 1e9, 6) if sum(buckets) else None,
+            "segments": pair(columns.segments), "retransmitted": pair(columns.retransmitted),
+            "resets": pair(columns.resets)}
 
 
 def format_json(summary: dict) -> str:
@@ -85,15 +106,28 @@ def format_json(summary: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}"
 
 
+def _tcp_cells(health: dict) -> tuple[str, str, str]:
+    """RTT P50 (ms), RETRANS (share of payload segments, both directions), RESETS (both directions)."""
+    median = health["handshake_rtt_p50_seconds"]
+    segments = sum(health["segments"].values())
+    retransmitted = sum(health["retransmitted"].values())
+    return ("-" if median is None else f"{median * 1000:.1f} ms",
+            f"{100 * retransmitted / segments:.1f}%" if segments else "-", str(sum(health["resets"].values())))
+
+
 def format_table(summary: dict) -> str:
-    """Aligned columns for people."""
-    header = ("CLIENT", "IN", "OUT", "TOTAL", "PKTS IN", "PKTS OUT", "PROTOCOLS")
+    """Aligned columns for people; with TCP health, a client's median handshake round trip, its
+    retransmitted share of payload segments, and resets."""
+    tcp = "tcp" in summary
+    header = ("CLIENT", "IN", "OUT", "TOTAL", "PKTS IN", "PKTS OUT") + (
+        ("RTT P50", "RETRANS", "RESETS") if tcp else ()) + ("PROTOCOLS",)
     rows = [header]
     for client in summary["clients"]:
         protocols = sorted(((b, p) for p, b in client["protocols"].items() if b), reverse=True)
         rows.append((client["ip"], human_bytes(client["bytes_in"]), human_bytes(client["bytes_out"]),
-                     human_bytes(client["total"]), str(client["packets_in"]), str(client["packets_out"]),
-                     " ".join(f"{p} {human_bytes(b)}" for b, p in protocols)))
+                     human_bytes(client["total"]), str(client["packets_in"]), str(client["packets_out"]))
+                    + (_tcp_cells(client["tcp"]) if tcp else ())
+                    + (" ".join(f"{p} {human_bytes(b)}" for b, p in protocols),))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = []
     for row in rows:

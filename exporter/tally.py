@@ -20,12 +20,15 @@ import numpy as np
 
 from .classify import DEFAULT_PORT_LABELS, DIRECTIONS, IN, OUT, protocol_labels
 from .clients import BatchCounts, ClientGrouping, ClientKey
+from .tcpflows import tcp_columns
 
 OTHER_CLIENT = "other"
 RESULTS = ("counted", "not_ip", "not_server", "internal", "malformed")
 OTHER_SLOT = 0
 DEFAULT_MAX_CLIENTS = 500
 DEFAULT_CLIENT_IDLE_SECONDS = 900
+DEFAULT_MAX_TCP_FLOWS = 100_000
+WINDOW_HEALTH_WIDTH = 16  # window_health: 14 round-trip buckets, segments, retransmitted
 INITIAL_SLOTS = 64  # the table grows by doubling up to max_clients + 1 rows
 MAX_COUNT = 2 ** 63 - 1  # what a saved counter may hold
 
@@ -42,6 +45,11 @@ class TallySnapshot:
     tracked_clients: int
     max_clients: int
     evictions: int
+    # TCP health (None when off): per client row and in all, the sums laid out as tcpflows.tcp_columns
+    tcp: Optional[np.ndarray] = None
+    tcp_totals: Optional[np.ndarray] = None
+    tcp_table: tuple = (0, 0, 0)  # flows, flow evictions, handshakes unmeasured
+    max_tcp_flows: int = 0
 
     @property
     def series(self) -> dict[tuple[str, str, str], tuple[int, int]]:
@@ -66,6 +74,17 @@ class Bucket(NamedTuple):
     totals: np.ndarray  # (bytes | packets, direction, label), exact
     clients: list[str]
     counts: np.ndarray  # (client, direction, label) -> bytes
+    health: Optional[np.ndarray] = None  # (client, window_health column); None: TCP health off
+
+
+def window_health(tcp: np.ndarray, labels: int) -> np.ndarray:
+    """What the REST history keeps of TCP health rows (clients, tcp_columns): round trips per bucket,
+    then payload segments and retransmitted ones, both directions together (WINDOW_HEALTH_WIDTH columns)."""
+    columns = tcp_columns(labels)
+    return np.concatenate([tcp[:, columns.rtt_buckets:columns.rtt_sum_ns],
+                           tcp[:, columns.segments:columns.segments + 2].sum(axis=1, keepdims=True),
+                           tcp[:, columns.retransmitted:columns.retransmitted + 2].sum(axis=1, keepdims=True)],
+                          axis=1)
 
 
 class Tally:
@@ -74,8 +93,9 @@ class Tally:
     def __init__(self, *, max_clients: int = DEFAULT_MAX_CLIENTS, client_idle_seconds: float = DEFAULT_CLIENT_IDLE_SECONDS,
                  grouping: Optional[ClientGrouping] = None,
                  labels: Sequence[str] = protocol_labels(DEFAULT_PORT_LABELS),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_tcp_flows: Optional[int] = None):
         self.max_clients = max_clients
+        self.max_tcp_flows = max_tcp_flows  # None: TCP health off
         self.client_idle_seconds = client_idle_seconds
         self.grouping = grouping or ClientGrouping()
         self.labels = tuple(labels)
@@ -92,9 +112,15 @@ class Tally:
         self._free = list(range(slots - 1, 0, -1))
         self._totals = np.zeros(self._cell_shape, np.int64)
         self._taken_totals = np.zeros_like(self._totals)
-        self._evicted_detail: list[tuple[str, np.ndarray]] = []  # evicted since the last take: name, bytes
+        # evicted since the last take: name, bytes, TCP health (None when off)
+        self._evicted_detail: list[tuple[str, np.ndarray, Optional[np.ndarray]]] = []
         self._results = dict.fromkeys(RESULTS, 0)
         self._evictions = 0
+        self._tcp_width = tcp_columns(len(self.labels)).width
+        self._tcp = np.zeros((slots, self._tcp_width), np.int64) if max_tcp_flows is not None else None
+        self._taken_tcp = None if self._tcp is None else np.zeros_like(self._tcp)  # at the last take_bucket
+        self._tcp_totals = np.zeros(self._tcp_width, np.int64)
+        self._tcp_table = (0, 0, 0)
         self._last_expiry = clock()
 
     def record(self, batch: BatchCounts) -> None:
@@ -112,6 +138,10 @@ class Tally:
                 totals = batch.counts.sum(axis=0)
                 self._totals += totals
                 self._results["counted"] += int(totals[1].sum())
+                if batch.tcp is not None and self._tcp is not None:
+                    np.add.at(self._tcp, slots, batch.tcp)
+                    self._tcp_totals += batch.tcp.sum(axis=0)
+                    self._tcp_table = batch.tcp_table
             if now - self._last_expiry >= 1.0:
                 self._expire(now)
 
@@ -136,6 +166,9 @@ class Tally:
             grown[:old] = getattr(self, name)
             setattr(self, name, grown)
         self._last_seen = np.concatenate([self._last_seen, np.zeros(new - old)])
+        if self._tcp is not None:
+            self._tcp = np.concatenate([self._tcp, np.zeros((new - old, self._tcp_width), np.int64)])
+            self._taken_tcp = np.concatenate([self._taken_tcp, np.zeros((new - old, self._tcp_width), np.int64)])
         self._keys += [None] * (new - old)
         self._names += [""] * (new - old)
         self._free = list(range(new - 1, old - 1, -1))
@@ -156,36 +189,49 @@ class Tally:
                 continue
             unseen = self._counts[slot, 0] - self._taken[slot, 0]
             if unseen.any():  # counted since the last take: the history still gets it
-                self._evicted_detail.append((self._names[slot], unseen))
+                self._evicted_detail.append((self._names[slot], unseen, None if self._tcp is None
+                                             else self._tcp[slot] - self._taken_tcp[slot]))
             self._counts[slot] = self._taken[slot] = 0
+            if self._tcp is not None:
+                self._tcp[slot] = self._taken_tcp[slot] = 0
             del self._slot_of[key]
             self._keys[slot] = None
             self._free.append(slot)
             self._evictions += 1
 
     def take_bucket(self) -> Bucket:
-        """What was counted since the previous call: exact totals, and bytes per client."""
+        """What was counted since the previous call: exact totals, bytes per client, and with TCP
+        health each client's ``window_health``."""
         with self._lock:
             totals = self._totals - self._taken_totals
             self._taken_totals = self._totals.copy()
             delta = self._counts[:, 0] - self._taken[:, 0]
             rows = np.flatnonzero(delta.any(axis=(1, 2)))
             np.copyto(self._taken, self._counts)
+            tcp = None
+            if self._tcp is not None:  # a TCP event always comes with its frame's bytes: same rows
+                tcp = (self._tcp - self._taken_tcp)[rows]
+                np.copyto(self._taken_tcp, self._tcp)
             evicted, self._evicted_detail = self._evicted_detail, []
         names = [self._names[row] for row in rows.tolist()]
         counts = delta[rows]
         if evicted:  # a client evicted, and maybe back, within the second: one row per name
             index = {name: row for row, name in enumerate(names)}
-            extra = []
-            for name, detail in evicted:
+            extra, extra_tcp = [], []
+            for name, detail, health in evicted:
                 if name in index:
                     counts[index[name]] += detail
+                    if tcp is not None:
+                        tcp[index[name]] += health
                 else:
                     index[name] = len(names)
                     names.append(name)
                     extra.append(detail)
+                    extra_tcp.append(health)
             counts = np.concatenate([counts, np.array(extra, np.int64).reshape(-1, *self._cell_shape[1:])])
-        return Bucket(totals, names, counts)
+            if tcp is not None:
+                tcp = np.concatenate([tcp, np.array(extra_tcp, np.int64).reshape(-1, self._tcp_width)])
+        return Bucket(totals, names, counts, None if tcp is None else window_health(tcp, len(self.labels)))
 
     def snapshot(self) -> TallySnapshot:
         """Copy the cumulative counters consistently."""
@@ -194,7 +240,10 @@ class Tally:
             return TallySnapshot(labels=self.labels, clients=[self._names[row] for row in rows],
                                  counts=self._counts[rows], totals=self._totals.copy(), results=dict(self._results),
                                  tracked_clients=len(self._slot_of), max_clients=self.max_clients,
-                                 evictions=self._evictions)
+                                 evictions=self._evictions,
+                                 tcp=None if self._tcp is None else self._tcp[rows],
+                                 tcp_totals=None if self._tcp is None else self._tcp_totals.copy(),
+                                 tcp_table=self._tcp_table, max_tcp_flows=self.max_tcp_flows or 0)
 
     def export_state(self) -> dict:
         """The cumulative counters as JSON-ready data, for ``--state-file``."""
@@ -208,7 +257,46 @@ class Tally:
                 "totals": self._rows(self._totals),
                 "results": dict(self._results),
                 "evictions": self._evictions,
+                **({} if self._tcp is None else {"tcp": {
+                    "clients": {self._names[slot]: self._health(self._tcp[slot]) for slot in self._slot_of.values()
+                                if self._tcp[slot].any()},
+                    "other": self._health(self._tcp[OTHER_SLOT]), "totals": self._health(self._tcp_totals)}}),
             }
+
+    def _health(self, row: np.ndarray) -> dict:
+        """One TCP health row as named counters (the column layout may change between versions)."""
+        columns = tcp_columns(len(self.labels))
+        pair = lambda first: [int(row[first]), int(row[first + 1])]  # noqa: E731
+        return {"handshakes": {label: int(row[columns.handshakes + index]) for index, label in enumerate(self.labels)
+                               if row[columns.handshakes + index]},
+                "rtt_buckets": row[columns.rtt_buckets:columns.rtt_sum_ns].tolist(),
+                "rtt_sum_ns": int(row[columns.rtt_sum_ns]), "segments": pair(columns.segments),
+                "retransmitted": pair(columns.retransmitted), "resets": pair(columns.resets)}
+
+    def _health_row(self, saved: object) -> np.ndarray:
+        """The row ``_health`` saved; ValueError on any other shape or value."""
+        columns = tcp_columns(len(self.labels))
+        if not isinstance(saved, dict) or set(saved) != {"handshakes", "rtt_buckets", "rtt_sum_ns", "segments",
+                                                         "retransmitted", "resets"}:
+            raise ValueError("bad TCP health counters")
+        row = np.zeros(columns.width, np.int64)
+        handshakes = saved["handshakes"]
+        if not isinstance(handshakes, dict) or not set(handshakes) <= set(self.labels):
+            raise ValueError(f"bad TCP handshakes {handshakes!r}")
+        for label, value in handshakes.items():
+            row[columns.handshakes + self.labels.index(label)] = count(value)
+        buckets = saved["rtt_buckets"]
+        if not isinstance(buckets, list) or len(buckets) != columns.rtt_sum_ns - columns.rtt_buckets:
+            raise ValueError(f"bad TCP round-trip buckets {buckets!r}")
+        row[columns.rtt_buckets:columns.rtt_sum_ns] = [count(value) for value in buckets]
+        row[columns.rtt_sum_ns] = count(saved["rtt_sum_ns"])
+        for name in ("segments", "retransmitted", "resets"):
+            pair = saved[name]
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError(f"bad TCP {name} {pair!r}")
+            first = getattr(columns, name)
+            row[first:first + 2] = [count(value) for value in pair]
+        return row
 
     def _rows(self, cells: np.ndarray) -> list:
         return [[DIRECTIONS[direction], self.labels[label], int(cells[0, direction, label]),
@@ -258,9 +346,24 @@ class Tally:
             raise ValueError("results must be a mapping")
         results = {result: count(results.get(result, 0)) for result in RESULTS}
         evictions = count(state["evictions"])
-        return lambda: self._restore(restored, other, totals, results, evictions)
+        health = self._prepare_health(state.get("tcp"), {name for _, name, _ in restored})
+        return lambda: self._restore(restored, other, totals, results, evictions, health)
 
-    def _restore(self, restored: list, other: np.ndarray, totals: np.ndarray, results: dict, evictions: int) -> None:
+    def _prepare_health(self, saved: object, clients: set) -> Optional[tuple[dict, np.ndarray, np.ndarray]]:
+        """TCP health saved by a version 3 file: (client rows, other, totals); None when absent or off."""
+        if saved is None or self._tcp is None:
+            return None
+        if not isinstance(saved, dict) or not isinstance(saved.get("clients"), dict):
+            raise ValueError("bad TCP health part")
+        rows = {}
+        for name, values in saved["clients"].items():
+            if name not in clients:
+                raise ValueError(f"TCP health for {name!r}, a client without counters")
+            rows[name] = self._health_row(values)
+        return rows, self._health_row(saved["other"]), self._health_row(saved["totals"])
+
+    def _restore(self, restored: list, other: np.ndarray, totals: np.ndarray, results: dict, evictions: int,
+                 health: Optional[tuple[dict, np.ndarray, np.ndarray]] = None) -> None:
         now = self.clock()
         with self._lock:
             for idle, name, cells in restored:
@@ -272,6 +375,9 @@ class Tally:
                     break
                 self._counts[slot] += cells
                 self._taken[slot] += cells  # restored counts are no new traffic for the history
+                if health is not None and name in health[0]:
+                    self._tcp[slot] += health[0][name]
+                    self._taken_tcp[slot] += health[0][name]
             for target in (self._counts[OTHER_SLOT], self._taken[OTHER_SLOT]):
                 target += other
             self._totals += totals
@@ -279,6 +385,10 @@ class Tally:
             for result, frames in results.items():
                 self._results[result] += frames
             self._evictions += evictions
+            if health is not None:
+                self._tcp[OTHER_SLOT] += health[1]
+                self._taken_tcp[OTHER_SLOT] += health[1]
+                self._tcp_totals += health[2]
 
 
 def count(value: object) -> int:

@@ -32,12 +32,13 @@ def _load() -> Optional[ctypes.CDLL]:
             continue
         library.pcap_records.restype = ctypes.c_long
         library.pcap_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
-                                         ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+                                         ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_long),
+                                         ctypes.c_void_p, ctypes.c_double]
         library.chained_records.restype = None
         library.chained_records.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
         return library
-    log.info("walk.so is not built (scripts/install.sh builds it): walking capture records in Python, "
-             "several times slower")
+    log.info("walk.so is not built (scripts/install.sh builds it): walking capture records and tracking TCP "
+             "flows in Python, several times slower (--tcp-health off spares the latter)")
     return None
 
 
@@ -58,32 +59,38 @@ def _address(buffer) -> int:
     return np.frombuffer(buffer, np.uint8).ctypes.data
 
 
-def pcap_records(buffer, position: int, byte_order: str, limit: int, max_captured: int
-                 ) -> tuple[np.ndarray, int, bool]:
+def pcap_records(buffer, position: int, byte_order: str, limit: int, max_captured: int,
+                 units: Optional[float] = None) -> tuple[np.ndarray, int, bool, Optional[np.ndarray]]:
     """Offsets of the classic pcap records from ``position`` that end inside ``buffer``, at most ``limit``.
 
     Returns (offsets, where the walk stopped, whether it stopped at a record whose captured length
-    exceeds ``max_captured``: a corrupt file).
+    exceeds ``max_captured``: a corrupt file, and with ``units`` (timestamp fraction units per second)
+    each record's time in seconds, else None). The walk reads each record header anyway, so its
+    time costs next to nothing here.
     """
     if _native is not None:
         offsets = np.empty(limit, np.int64)
+        times = np.empty(limit) if units else None
         stopped = ctypes.c_long()
         count = _native.pcap_records(_address(buffer), len(buffer), position, byte_order != "<", limit,
-                                     max_captured, offsets.ctypes.data, ctypes.byref(stopped))
+                                     max_captured, offsets.ctypes.data, ctypes.byref(stopped),
+                                     None if times is None else times.ctypes.data, units or 1.0)
         corrupt = count < 0
-        return offsets[:-1 - count if corrupt else count], stopped.value, corrupt
-    captured_at = struct.Struct(byte_order + "I").unpack_from
-    offsets, size, corrupt = [], len(buffer), False
+        found = -1 - count if corrupt else count
+        return offsets[:found], stopped.value, corrupt, None if times is None else times[:found]
+    header = struct.Struct(byte_order + "III").unpack_from
+    offsets, times, size, corrupt = [], [], len(buffer), False
     while len(offsets) < limit and position + 16 <= size:
-        captured = captured_at(buffer, position + 8)[0]
+        seconds, fraction, captured = header(buffer, position)
         if captured > max_captured:
             corrupt = True
             break
         if position + 16 + captured > size:
             break
         offsets.append(position)
+        times.append(seconds + fraction / units if units else 0.0)
         position += 16 + captured
-    return np.array(offsets, np.int64), position, corrupt
+    return np.array(offsets, np.int64), position, corrupt, np.array(times) if units else None
 
 
 def chained_records(buffer, first: int, count: int) -> np.ndarray:

@@ -18,6 +18,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-# The capture record walker (exporter/walk.py runs the same loops in Python, slower, without it)
+# The capture record walker and TCP flow tracker (exporter/walk.py and exporter/tcpflows.py run the
+# same loops in Python, slower, without it)
 cc -O2 -shared -fPIC -o exporter/native/walk.so exporter/native/walk.c
 echo "installed: Debian packages ${packages[*]}; Python packages in $(pwd)/.venv"

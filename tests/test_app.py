@@ -409,3 +409,46 @@ def test_replayed_pcap_matches_the_oracle(tally):
         assert (clients[ip]["bytes_in"], clients[ip]["bytes_out"]) == (want["bytes_in"], want["bytes_out"])
         assert {k: v for k, v in clients[ip]["protocols"].items() if v} == want["protocols"]
     assert client.get("/protocols").get_json()["total_bytes"] == expected["total_bytes"]
+
+
+# --- TCP health in /traffic ----------------------------------------------------------------------
+
+def test_traffic_gives_each_client_its_median_handshake_rtt_and_retransmission_ratio(tmp_path):
+    from tests.tcp_traffic import tcp_health_tally
+
+    tally, truth = tcp_health_tally(tmp_path, max_clients=3)  # 10.0.0.4, seen last, goes to other
+    history = History(tally, 300)
+    history.tick(1000.5)
+    body = make_client(history, servers=("10.0.0.1", "fd00::1")).get("/traffic?limit=10").get_json()
+    found = {entry["ip"]: entry for entry in body["clients"]}
+    assert set(found) == {"10.0.0.2", "10.0.0.3", "fd00::3", "other"}
+    for name in ("10.0.0.2", "10.0.0.3", "fd00::3"):
+        expected = truth[name]
+        segments = sum(expected["segments"].values())
+        assert found[name]["retransmission_ratio"] == pytest.approx(sum(expected["retransmitted"].values()) / segments)
+    # one round trip per client: histogram_quantile puts the median half-way through its bucket
+    assert found["10.0.0.2"]["handshake_rtt_p50_seconds"] == pytest.approx(0.0175)  # 12.3 ms: (10, 25] ms
+    assert found["10.0.0.3"]["handshake_rtt_p50_seconds"] == pytest.approx(0.0375)  # 40 ms: (25, 50] ms
+    assert found["fd00::3"]["handshake_rtt_p50_seconds"] == pytest.approx(0.75)  # 0.7 s: (0.5, 1] s
+    assert found["other"]["handshake_rtt_p50_seconds"] is None  # 10.0.0.4: half-open, nothing measured
+    assert found["other"]["retransmission_ratio"] == pytest.approx(1 / 3)
+
+
+def test_traffic_entries_keep_the_legacy_shape_without_tcp_health(client):
+    for entry in client.get("/traffic").get_json()["clients"]:
+        assert set(entry) == {"ip", "bytes_in", "bytes_out", "total", "protocols"}
+
+
+def test_tcp_health_of_a_client_evicted_within_the_second_reaches_the_history(tmp_path):
+    from tests.tcp_traffic import tcp_health_tally
+
+    now = [0.0]
+    tally, truth = tcp_health_tally(tmp_path, clock=lambda: now[0])
+    now[0] = 10**6  # every client idle: evicted before the history takes the second
+    tally.expire()
+    history = History(tally, 300)
+    history.tick(1000.5)
+    found = {entry["ip"]: entry for entry in
+             make_client(history, servers=("10.0.0.1",)).get("/traffic").get_json()["clients"]}
+    assert found["10.0.0.2"]["retransmission_ratio"] == pytest.approx(1 / 8)
+    assert found["fd00::3"]["handshake_rtt_p50_seconds"] == pytest.approx(0.75)

@@ -349,3 +349,26 @@ def test_restore_refuses_bad_seconds(change, reason):
     change(state)
     with pytest.raises((ValueError, TypeError, KeyError)):
         History(Tally(), 30).prepare_restore(state)
+
+
+def test_tcp_health_folds_and_merges_with_its_clients_and_sums_stay_exact():
+    from compat_api.history import Detail, merge_details
+    from exporter.tally import WINDOW_HEALTH_WIDTH
+
+    rng = np.random.default_rng(5)
+    details = []
+    for second in range(10):
+        clients = [f"198.51.100.{i}" for i in rng.choice(250, size=MAX_BUCKET_CLIENTS + 20, replace=False)]
+        counts = rng.integers(1, 1000, size=(len(clients), 2, 3))
+        health = rng.integers(0, 50, size=(len(clients), WINDOW_HEALTH_WIDTH))
+        details.append((clients, counts, health))
+    merged = merge_details(0, 10, [Detail(second, 1, tuple(c), n, h) for second, (c, n, h) in enumerate(details)])
+    assert len(merged.clients) == MAX_BUCKET_CLIENTS + 1 and merged.clients[-1] == "other"
+    assert (merged.health.sum(axis=0) == sum(h.sum(axis=0) for _, _, h in details)).all()
+    per_client = {}
+    for clients, _, health in details:
+        for name, row in zip(clients, health):
+            per_client[name] = per_client.get(name, 0) + row
+    for name, row in zip(merged.clients[:-1], merged.health[:-1]):
+        assert (row == per_client[name]).all()  # a kept client keeps exactly its own health
+    assert merge_details(0, 1, [Detail(0, 1, ("x",), np.ones((1, 2, 3), np.int64))]).health is None

@@ -184,3 +184,55 @@ def test_a_killed_save_leaves_only_a_file_the_next_start_removes(tmp_path):
     assert path.read_text() == before and list(tmp_path.glob(".state.json.*.tmp"))
     assert restore(str(path), {"tally": Tally().prepare_restore})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_tcp_health_survives_a_restart_per_client_in_other_and_in_totals(tmp_path):
+    from tests.tcp_traffic import tcp_health_tally
+
+    saved, _ = tcp_health_tally(tmp_path, max_clients=2)
+    path = str(tmp_path / "state.json")
+    save_state(path, {"tally": saved.export_state()})
+    fresh = Tally(max_clients=2, max_tcp_flows=1000)
+    assert restore(path, {"tally": fresh.prepare_restore})
+    before, after = saved.snapshot(), fresh.snapshot()
+    assert after.clients == before.clients
+    assert (after.tcp == before.tcp).all() and (after.tcp_totals == before.tcp_totals).all()
+    assert before.tcp_totals.sum() > 0 and before.tcp[0].sum() > 0  # "other" holds two clients' health
+
+
+def test_a_version_2_file_restores_with_tcp_health_at_zero_and_health_is_ignored_when_off(tmp_path):
+    from tests.tcp_traffic import tcp_health_tally
+
+    path = tmp_path / "state.json"
+    save_state(str(path), {"tally": tcp_health_tally(tmp_path)[0].export_state()})
+    document = json.loads(path.read_text())
+    off = Tally()  # TCP health off: the saved health is not read
+    assert restore(str(path), {"tally": off.prepare_restore}) and off.snapshot().tcp is None
+    del document["tally"]["tcp"]
+    document["version"] = 2
+    path.write_text(json.dumps(document))
+    on = Tally(max_tcp_flows=10)
+    assert restore(str(path), {"tally": on.prepare_restore})
+    assert not on.snapshot().tcp.any() and on.snapshot().series
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda tcp: tcp["totals"].__setitem__("rtt_buckets", [1] * 13),
+    lambda tcp: tcp["totals"].__setitem__("segments", [1, -1]),
+    lambda tcp: tcp["other"]["handshakes"].__setitem__("GOPHER", 1),
+    lambda tcp: tcp["other"].__setitem__("extra", 1),
+    lambda tcp: tcp["clients"].__setitem__("192.0.2.99", tcp["other"]),  # a client without byte counters
+    lambda tcp: tcp["totals"].__setitem__("rtt_sum_ns", 2.5),
+])
+def test_bad_tcp_health_in_a_state_file_means_a_fresh_start(tmp_path, caplog, tamper):
+    from tests.tcp_traffic import tcp_health_tally
+
+    path = tmp_path / "state.json"
+    save_state(str(path), {"tally": tcp_health_tally(tmp_path)[0].export_state()})
+    document = json.loads(path.read_text())
+    tamper(document["tally"]["tcp"])
+    path.write_text(json.dumps(document))
+    tally = Tally(max_tcp_flows=10)
+    caplog.set_level(logging.WARNING)
+    assert not restore(str(path), {"tally": tally.prepare_restore})
+    assert "starting fresh" in caplog.text and not tally.snapshot().series

@@ -92,3 +92,41 @@ def test_unsupported_link_type_is_refused(tmp_path):
 ])
 def test_bad_flags_exit_2_with_one_line(args, needle):
     assert needle in one_line_error(summarize(CORPUS_PCAPS / "dns_udp.pcap", *args), 2)
+
+
+def test_summarize_reports_tcp_health_per_client_and_in_all(tmp_path):
+    from tests.tcp_traffic import build
+
+    truth = build(tmp_path / "tcp.pcap")
+    result = summarize(tmp_path / "tcp.pcap", "--format", "json", "--server-ip", "10.0.0.1,fd00::1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    old_keys = {"ip", "bytes_in", "bytes_out", "packets_in", "packets_out", "total", "protocols"}
+    for client in summary["clients"]:
+        assert old_keys < set(client)  # the legacy shape stays; "tcp" is added
+        health, expected = client["tcp"], truth[client["ip"]]
+        assert health["handshakes"] == sum(expected["handshakes"].values())
+        for name in ("segments", "retransmitted", "resets"):
+            assert health[name] == expected[name]
+        if expected["rtt"]:
+            assert health["handshake_rtt_mean_seconds"] == pytest.approx(sum(expected["rtt"]) / len(expected["rtt"]))
+        else:
+            assert health["handshake_rtt_p50_seconds"] is None and health["handshake_rtt_mean_seconds"] is None
+    # one round trip of 12.3 ms: histogram_quantile's estimate, within its bucket (10 ms, 25 ms]
+    assert summary["clients"][0]["ip"] == "10.0.0.2"
+    assert summary["clients"][0]["tcp"]["handshake_rtt_p50_seconds"] == pytest.approx(0.0175)
+    assert summary["tcp"]["segments"] == {d: sum(t["segments"][d] for t in truth.values()) for d in ("in", "out")}
+
+
+def test_summarize_table_shows_tcp_health_columns_and_none_when_off(tmp_path):
+    from tests.tcp_traffic import build
+
+    build(tmp_path / "tcp.pcap")
+    lines = summarize(tmp_path / "tcp.pcap", "--server-ip", "10.0.0.1,fd00::1").stdout.splitlines()
+    assert lines[0].split()[-5:] == ["RTT", "P50", "RETRANS", "RESETS", "PROTOCOLS"]
+    assert lines[1].split()[0] == "10.0.0.2"
+    # 1 of 8 payload segments retransmitted, and one reset (from the client)
+    assert lines[1].split()[-7:-3] == ["17.5", "ms", "12.5%", "1"]
+    off = summarize(tmp_path / "tcp.pcap", "--server-ip", "10.0.0.1,fd00::1", "--tcp-health", "off", "--format", "json")
+    summary = json.loads(off.stdout)
+    assert "tcp" not in summary and all("tcp" not in client for client in summary["clients"])

@@ -31,13 +31,17 @@ def pcap_buffer(lengths, order, junk, cut):
 @settings(max_examples=300, deadline=None)
 @given(lengths=st.lists(st.integers(0, 300), max_size=50), order=st.sampled_from("<>"),
        junk=st.binary(max_size=5), cut=st.integers(0, 40), limit=st.integers(1, 60),
-       max_captured=st.sampled_from([100, 300, 2**28]))
-def test_pcap_records_native_and_python_agree(lengths, order, junk, cut, limit, max_captured):
+       max_captured=st.sampled_from([100, 300, 2**28]), units=st.sampled_from([None, 1e6, 1e9]))
+def test_pcap_records_native_and_python_agree(lengths, order, junk, cut, limit, max_captured, units):
     buffer = pcap_buffer(lengths, order, junk, min(cut, len(lengths) and 40))
-    (native_offsets, native_stop, native_corrupt), (offsets, stop, corrupt) = both(
-        walk.pcap_records, buffer, len(junk), order, limit, max_captured)
+    (native_offsets, native_stop, native_corrupt, native_times), (offsets, stop, corrupt, times) = both(
+        walk.pcap_records, buffer, len(junk), order, limit, max_captured, units)
     assert native_offsets.tolist() == offsets.tolist()
     assert (native_stop, native_corrupt) == (stop, corrupt)
+    if units is None:
+        assert native_times is None and times is None
+    else:  # every record: 1 s and 2 units
+        assert native_times.tolist() == times.tolist() == [1 + 2 / units] * len(offsets)
     # and both are right: each offset is where a record of the expected length starts
     expected, position = [], len(junk)
     for length in lengths:

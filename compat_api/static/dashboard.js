@@ -118,6 +118,18 @@
     captureError.textContent = capture.error ? `Capture error: ${capture.error}` : "";
   }
 
+  /** A round trip in seconds as ms (or s), "–" when there is none. */
+  function formatSeconds(seconds) {
+    if (seconds === null || seconds === undefined) return "–";
+    return seconds < 1 ? `${(seconds * 1000).toFixed(1)} ms` : `${seconds.toFixed(2)} s`;
+  }
+
+  /** A share as a percentage, "–" when there is none. */
+  function formatRatio(ratio) {
+    if (ratio === null || ratio === undefined) return "–";
+    return `${(ratio * 100).toFixed(1)}%`;
+  }
+
   function renderClients(traffic) {
     $("clients-window").textContent = windowText(traffic.window);
     const body = document.querySelector("#clients tbody");
@@ -133,13 +145,17 @@
       share.append(inOutBar(client.bytes_in, client.bytes_out, top));
       row.append(name, element("td", "", formatBytes(client.bytes_in)),
         element("td", "", formatBytes(client.bytes_out)), element("td", "total", formatBytes(client.total)), share,
-        element("td", "mostly", `${mostly} ${Math.round((100 * bytes) / client.total)}%`));
+        element("td", "mostly", `${mostly} ${Math.round((100 * bytes) / client.total)}%`),
+        element("td", "tcp rtt", formatSeconds(client.handshake_rtt_p50_seconds)),
+        element("td", "tcp retrans", formatRatio(client.retransmission_ratio)));
       rows.push(row);
     }
+    // Without TCP health (--tcp-health off) the API has no such fields: the columns go.
+    $("clients").classList.toggle("no-tcp", !traffic.clients.some((client) => "retransmission_ratio" in client));
     if (!rows.length) {
       const row = element("tr", "empty-row");
       const cell = element("td", "empty", "no traffic yet");
-      cell.colSpan = 6;
+      cell.colSpan = 8;
       row.append(cell);
       rows.push(row);
     }

@@ -141,6 +141,26 @@ def test_dashboard_shows_the_top_client_that_traffic_reports(exporter, browser, 
     assert wait_for(same_top_client, "the table's first client to equal /traffic's")
 
 
+def test_dashboard_shows_tcp_health_columns_as_traffic_reports_them(exporter, browser, dashboard):
+    """The demo runs with TCP health on: /traffic has the fields, the table its two columns."""
+    base = exporter[0]
+    headers = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#clients th.tcp") if cell.is_displayed()]
+    assert headers == ["RTT p50", "Retrans"]
+
+    def same_retransmission_cell():
+        cells = browser.find_elements(By.CSS_SELECTOR, "#clients tbody tr:first-child td.retrans")
+        top = json.loads(get(base + "/traffic?limit=1"))["clients"]
+        if not cells or not top or cells[0].text == "":
+            return False
+        ratio = top[0]["retransmission_ratio"]
+        if ratio is None:
+            return cells[0].text == "–"
+        # one decimal, rounded by JavaScript's toFixed (ties may go the other way than Python's)
+        return cells[0].text.endswith("%") and abs(float(cells[0].text[:-1]) - ratio * 100) <= 0.0501
+
+    assert wait_for(same_retransmission_cell, "the first client's Retrans cell to equal /traffic's ratio")
+
+
 def test_dashboard_draws_the_throughput_chart_and_protocol_bars(browser, dashboard):
     assert series_pixels(browser) > 100
     assert browser.find_element(By.ID, "throughput-empty").get_attribute("hidden") is not None

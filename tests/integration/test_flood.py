@@ -70,3 +70,52 @@ def test_one_million_addresses_stay_bounded(tmp_path):
     assert len(body["clients"]) <= MAX_CLIENTS + 1
     assert sum(c["total"] for c in body["clients"]) == total
     assert rss < RSS_LIMIT_KIB, f"peak RSS {rss / 1024:.0f} MiB"
+
+
+SYN_FLOOD_FRAMES = 1_000_000
+MAX_TCP_FLOWS = 100_000  # the default
+
+
+def write_syn_flood_pcap(path) -> None:
+    """One TCP SYN to the server's port 443 from each of SYN_FLOOD_FRAMES distinct (address, port) pairs."""
+    ether = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
+    tcp = struct.Struct("!HHIIBBHHH")
+    record = struct.Struct("<IIII")
+    with open(path, "wb") as out:
+        out.write(pcap_header(LINKTYPE_ETHERNET))
+        chunk = []
+        for index in range(SYN_FLOOD_FRAMES):
+            source = (0x0A000000 + index // 4).to_bytes(4, "big")  # 250,000 addresses, 4 ports each
+            ip = b"\x45\x00\x00\x28\x00\x00\x00\x00\x40\x06\x00\x00" + source + SERVER
+            frame = ether + ip + tcp.pack(30000 + index % 4, 443, index, 0, 0x50, 0x02, 1024, 0, 0)
+            chunk.append(record.pack(1_700_000_000 + index // 100_000, index % 100_000, len(frame), len(frame)) + frame)
+            if len(chunk) == 10_000:
+                out.write(b"".join(chunk))
+                chunk = []
+        out.write(b"".join(chunk))
+
+
+def test_a_syn_flood_keeps_the_tcp_flow_table_at_its_cap_and_counts_evictions(tmp_path):
+    pcap = tmp_path / "synflood.pcap"
+    write_syn_flood_pcap(pcap)
+    args = ["--pcap", str(pcap), "--server-ip", "192.0.2.1", "--log-level", "warning"]
+    with running_exporter(args) as (base, process):
+        deadline = time.monotonic() + 120
+        while True:
+            families = {f.name: f for f in text_string_to_metric_families(get(base + "/metrics").decode())}
+            counted = sum(s.value for s in families["traffic_exporter_packets"].samples)
+            if counted >= SYN_FLOOD_FRAMES or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        time.sleep(0.5)
+        families = {f.name: f for f in text_string_to_metric_families(get(base + "/metrics").decode())}
+        rss = peak_rss_kib(process.pid)
+    value = lambda name: families[name].samples[0].value  # noqa: E731
+    assert counted == SYN_FLOOD_FRAMES
+    assert value("traffic_exporter_max_tcp_flows") == MAX_TCP_FLOWS
+    assert value("traffic_exporter_tcp_flows") == MAX_TCP_FLOWS
+    assert value("traffic_exporter_tcp_flow_evictions") == SYN_FLOOD_FRAMES - MAX_TCP_FLOWS
+    # every evicted connection had only its SYN: none of their handshakes could be measured
+    assert value("traffic_exporter_tcp_handshakes_unmeasured") == SYN_FLOOD_FRAMES - MAX_TCP_FLOWS
+    assert sum(s.value for s in families["traffic_tcp_handshakes"].samples) == 0
+    assert rss < RSS_LIMIT_KIB, f"peak RSS {rss / 1024:.0f} MiB"

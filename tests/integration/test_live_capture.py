@@ -81,6 +81,7 @@ def run_scenario(directory, backend: str, interface: str = "", bpf_filter: str =
             finally:
                 tcpdump_summary = tcpdump.stop()
             counted = exporter.client_series()
+            metrics = exporter.metrics()
             root = exporter.root()
             dropped = exporter.value("traffic_exporter_kernel_dropped_packets_total")
         finally:
@@ -88,7 +89,7 @@ def run_scenario(directory, backend: str, interface: str = "", bpf_filter: str =
         packets = rdpcap(str(directory / "capture.pcap"))
         servers = {pair.server_v4, pair.server_v6}
         return {"pair": pair, "packets": packets, "expected": expected_from_pcap(packets, servers),
-                "counted": counted, "root": root, "dropped": dropped, "vlan_lengths": vlan_lengths,
+                "counted": counted, "metrics": metrics, "capture": directory / "capture.pcap", "root": root, "dropped": dropped, "vlan_lengths": vlan_lengths,
                 "tcpdump": tcpdump_summary, "log": log}
 
 
@@ -121,6 +122,41 @@ def test_live_counters_equal_tcpdump_pcap_per_client_direction_protocol(live_run
     for client in (pair.client_v4, pair.client_v6):  # the scenario really covered every protocol, both ways
         for protocol in ("HTTP", "HTTPS", "SSH", "DNS", "OTHER"):
             assert {(client, "in", protocol), (client, "out", protocol)} <= labels, (client, protocol)
+
+
+def test_live_tcp_health_equals_tshark_and_byte_ranges_of_tcpdumps_capture(live_run):
+    """Real connections on a veth: handshakes, their round trips (frame times from the ring or libpcap),
+    payload segments (GRO aggregates included, one each), retransmissions and resets per client."""
+    import shutil
+
+    from tests.tcp_oracle import RST, SYN, brute_force_retransmissions, tshark_frames, tshark_round_trips
+
+    if not shutil.which("tshark"):
+        pytest.skip("tshark not installed")
+    pair, metrics = live_run["pair"], live_run["metrics"]
+    servers = {pair.server_v4, pair.server_v6}
+    frames = [f for f in tshark_frames(live_run["capture"]) if (f["src"] in servers) != (f["dst"] in servers)]
+    retransmitted, _ = brute_force_retransmissions(frames)
+    round_trips = tshark_round_trips(frames, servers)
+    by_number = {f["number"]: f for f in frames}
+    for client in (pair.client_v4, pair.client_v6):
+        mine = [f for f in frames if client in (f["src"], f["dst"])]
+        value = lambda name, **labels: metrics.get(  # noqa: E731
+            (name, tuple(sorted({"client": client, **labels}.items()))), 0)
+        for direction in ("in", "out"):
+            sent = [f for f in mine if (f["src"] == client) == (direction == "in")]
+            segments = [f for f in sent if f["length"] > 0 and not f["flags"] & (SYN | RST) and not f["keep_alive"]]
+            assert value("traffic_client_tcp_segments_total", direction=direction) == len(segments) > 0
+            assert value("traffic_client_tcp_retransmitted_segments_total", direction=direction) == len(
+                [f for f in segments if f["number"] in retransmitted])
+            assert value("traffic_client_tcp_resets_total", direction=direction) == len(
+                [f for f in sent if f["flags"] & RST])
+        rtts = [rtt for number, rtt in round_trips.items() if by_number[number]["src"] == client]
+        handshakes = sum(v for (name, labels), v in metrics.items()
+                         if name == "traffic_client_tcp_handshakes_total" and ("client", client) in labels)
+        assert handshakes == len(rtts) > 0
+        assert value("traffic_client_tcp_handshake_rtt_seconds_count") == len(rtts)
+        assert value("traffic_client_tcp_handshake_rtt_seconds_sum") == pytest.approx(sum(rtts), abs=2e-6 * len(rtts))
 
 
 def test_live_counts_vlan_frames_with_the_tag_the_kernel_stripped(live_run):
