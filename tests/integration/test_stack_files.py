@@ -32,6 +32,7 @@ EXPECTED_ALERTS = {
     "TrafficKernelDrops",
     "TrafficClientTableFull",
     "TrafficNoTraffic",
+    "TrafficTcpRetransmissionsHigh",
 }
 INSTANCE_FILTER = 'instance=~"$instance"'
 # Series a dashboard query may read: the exporter's metrics, Prometheus' per-target series, and
