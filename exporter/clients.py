@@ -35,6 +35,8 @@ class BatchCounts(NamedTuple):
     counts: np.ndarray  # (clients, 0 bytes | 1 packets, direction, label) int64
     ignored: dict  # ignore reason -> frames
     slow_frames: int = 0  # frames that took the slow path
+    tcp: Optional[np.ndarray] = None  # (clients, tcpflows column) TCP health sums; None: TCP health off
+    tcp_table: tuple = (0, 0, 0)  # TCP flow table after the batch: flows, evictions, unmeasured handshakes
 
     @property
     def counted(self) -> int:
@@ -122,8 +124,13 @@ class ClientIndex:
         return hi * _MIX[0] ^ lo * _MIX[1] ^ family.astype(np.uint64)
 
     def sum(self, position: np.ndarray, family: np.ndarray, hi: np.ndarray, lo: np.ndarray,
-            cell: np.ndarray, wire_lengths: np.ndarray) -> BatchCounts:
-        """Bytes and packets per client and cell; rows in the order clients were first seen."""
+            cell: np.ndarray, wire_lengths: np.ndarray, frame_rows: bool = False) -> BatchCounts:
+        """Bytes and packets per client and cell; rows in the order clients were first seen.
+
+        With ``frame_rows``, ``self.frame_rows`` is then each frame's row in the result (-1 for the
+        rare frames summed by sorting), so other per-frame values can be summed per client alike.
+        """
+        self.frame_rows = None
         digest = self._digest(family, hi, lo)
         ids = self._find(digest)
         missing = np.flatnonzero(ids < 0)
@@ -134,10 +141,13 @@ class ClientIndex:
                 missing = np.arange(len(ids))
                 new = np.unique(digest, return_index=True)[1]
                 if len(new) > self.capacity:
+                    if frame_rows:
+                        self.frame_rows = np.full(len(ids), -1, np.intp)
                     return sum_sorting(family, hi, lo, cell, wire_lengths, None, self.cells)
             self._insert(missing[new], position, digest, family, hi, lo)
             ids[missing] = self._find(digest[missing])
         exact = (self._family[ids] == family) & (self._hi[ids] == hi) & (self._lo[ids] == lo)
+        all_ids = ids
         if not exact.all():  # two clients with one digest: the other one is summed by sorting
             other = np.flatnonzero(~exact)
             sorted_out = sum_sorting(family[other], hi[other], lo[other], cell[other], wire_lengths[other],
@@ -149,6 +159,8 @@ class ClientIndex:
         self._touched[ids] = True
         rows = np.flatnonzero(self._touched[:self._count])
         self._touched[rows] = False
+        if frame_rows:
+            self.frame_rows = np.where(exact, np.searchsorted(rows, all_ids), -1)
         cells = (rows[:, None] * self.cells + np.arange(self.cells)).reshape(-1)
         counts = np.stack([self._bytes[cells].reshape(-1, self.cells), self._packets[cells].reshape(-1, self.cells)],
                           axis=1)
@@ -229,8 +241,19 @@ def sum_sorting(family: np.ndarray, hi: np.ndarray, lo: np.ndarray, cell: np.nda
 
 
 def concatenate(first: BatchCounts, second: BatchCounts) -> BatchCounts:
+    """The rows of both; ignored frames and TCP table figures are the first's."""
+    tcp = first.tcp
+    if tcp is not None or second.tcp is not None:
+        parts = [part if part is not None else np.zeros((len(rows.family), tcp_width), np.int64)
+                 for part, rows, tcp_width in ((first.tcp, first, _tcp_width(first, second)),
+                                               (second.tcp, second, _tcp_width(first, second)))]
+        tcp = np.concatenate(parts)
     return BatchCounts(*(np.concatenate([a, b]) for a, b in zip(first[:4], second[:4])),
-                       {**first.ignored}, first.slow_frames + second.slow_frames)
+                       {**first.ignored}, first.slow_frames + second.slow_frames, tcp, first.tcp_table)
+
+
+def _tcp_width(first: BatchCounts, second: BatchCounts) -> int:
+    return (first.tcp if first.tcp is not None else second.tcp).shape[1]
 
 
 def counts_from_mapping(sums: Mapping[tuple[bytes, str, str], Sequence[int]], labels: Sequence[str],

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 from .demo import DEMO_PCAP, DEMO_SERVER_IPS
-from .tally import DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CLIENTS
+from .tally import DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_TCP_FLOWS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REPLAY_SPEEDS = ("realtime", "max")
@@ -41,6 +41,8 @@ class Config:
     client_idle_seconds: int = DEFAULT_CLIENT_IDLE_SECONDS
     client_prefix_v4: int = 32
     client_prefix_v6: int = 128
+    tcp_health: bool = True
+    max_tcp_flows: int = DEFAULT_MAX_TCP_FLOWS
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
     user: Optional[str] = None
@@ -91,6 +93,13 @@ def _boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("expected true or false")
+
+
+def _on_off(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("on", "off"):
+        raise ValueError("expected on or off")
+    return lowered == "on"
 
 
 def _server_ips(text: str) -> tuple[str, ...]:
@@ -158,6 +167,10 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
      "evict a client's series after this many idle seconds"),
     ("client_prefix_v4", ("--client-prefix-v4",), _integer(0, 32), "aggregate IPv4 clients into networks of this prefix"),
     ("client_prefix_v6", ("--client-prefix-v6",), _integer(0, 128), "aggregate IPv6 clients into networks of this prefix"),
+    ("tcp_health", ("--tcp-health",), _on_off,
+     "per-client TCP health (handshake round trip, retransmissions, resets): on or off"),
+    ("max_tcp_flows", ("--max-tcp-flows",), _integer(1, 10_000_000),
+     "TCP connections tracked for TCP health at most; the least recently seen one makes room"),
     ("cors_origin", ("--cors-origin",), _text, "allowed CORS origins, comma-separated ('*' for any)"),
     ("log_level", ("--log-level",), _choice(LOG_LEVELS), "logging level"),
     ("state_file", ("--state-file",), _text, "save counters and history here every minute and at exit; restore at start"),
@@ -174,7 +187,7 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
 SUMMARIZE_MAX_CLIENTS = 1_000_000  # offline analysis lists every client unless told otherwise
 SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
                      if option[0] in ("server_ip", "filter", "max_clients", "client_prefix_v4", "client_prefix_v6",
-                                      "log_level")]
+                                      "tcp_health", "max_tcp_flows", "log_level")]
 SUMMARIZE_OPTIONS.append(("output_format", ("--format",), _choice(OUTPUT_FORMATS), "table for people, json for programs"))
 FLAGS_WITHOUT_VALUE = {"loop", "demo"}
 # Flags that choose what to capture; --demo decides that itself.

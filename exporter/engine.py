@@ -14,16 +14,34 @@ import numpy as np
 from .classify import DIRECTIONS, INTERNAL, NOT_SERVER, OTHER_LABEL, ServerSet, classify
 from .clients import (CLIENT_INDEX_CAPACITY, FAMILY_V4, FAMILY_V6, BatchCounts, ClientGrouping, ClientIndex,
                       concatenate, counts_from_mapping, empty_counts, halves)
-from .decode import MALFORMED, NOT_IP, decode_frame
+from .decode import IPPROTO_TCP, MALFORMED, NOT_IP, decode_frame
 from .frames import FrameBatch
 from .headers import (IGNORED_INTERNAL, IGNORED_MALFORMED, IGNORED_NOT_IP, IGNORED_NOT_SERVER, SLOW,
-                      parse_frames)
+                      parse_frames, tcp_fields)
+from .tcpflows import (ACK, EVENT_HANDSHAKE, EVENT_RETRANSMISSION, EVENT_RTT, EVENT_SEGMENT, NO_TIME, RST,
+                       RTT_BOUNDS_NS, SYN, FlowTable, TcpFrames, tcp_columns)
 
 IGNORED = {IGNORED_NOT_IP: NOT_IP, IGNORED_NOT_SERVER: NOT_SERVER, IGNORED_INTERNAL: INTERNAL,
            IGNORED_MALFORMED: MALFORMED}
 NO_LABEL = 255
 PORT_ROW = 65537  # the label table has a row per protocol, indexed by port + 1 (0: no port)
 _U64 = np.uint64
+
+
+def _rows_by_sorting(rows: np.ndarray, family: np.ndarray, hi: np.ndarray, lo: np.ndarray,
+                     sums: BatchCounts) -> tuple[np.ndarray, BatchCounts]:
+    """Rows for the frames without one (``rows`` -1): a row per distinct client, appended without bytes."""
+    missing = np.flatnonzero(rows < 0)
+    _, first, inverse = np.unique(np.rec.fromarrays([family[missing], hi[missing], lo[missing]]),
+                                  return_index=True, return_inverse=True)
+    rows = rows.copy()
+    rows[missing] = len(sums.family) + inverse.reshape(-1)
+    extra = missing[first]
+    grown = sums._replace(family=np.concatenate([sums.family, family[extra]]),
+                          hi=np.concatenate([sums.hi, hi[extra]]), lo=np.concatenate([sums.lo, lo[extra]]),
+                          counts=np.concatenate([sums.counts, np.zeros((len(extra), *sums.counts.shape[1:]),
+                                                                       np.int64)]))
+    return rows, grown
 
 
 class ServerMatcher:
@@ -55,7 +73,9 @@ class FrameCounter:
     """Counts batches of frames for one server set (which may be replaced), port map and client prefix lengths."""
 
     def __init__(self, servers: ServerSet, port_labels: Mapping[tuple[int, int], str], labels: Sequence[str],
-                 grouping: Optional[ClientGrouping] = None, client_index_capacity: int = CLIENT_INDEX_CAPACITY):
+                 grouping: Optional[ClientGrouping] = None, client_index_capacity: int = CLIENT_INDEX_CAPACITY,
+                 tcp_flows: Optional[FlowTable] = None):
+        self.tcp_flows = tcp_flows  # None: TCP health off, and nothing of it on the hot path
         self._matcher = ServerMatcher(servers)
         self.port_labels = port_labels
         self.labels = tuple(labels)
@@ -71,6 +91,7 @@ class FrameCounter:
         for (protocol, port), label in port_labels.items():
             self._port_label[self._protocol_row[protocol] + port + 1] = self._label_index[label]
         self._clients = ClientIndex(len(DIRECTIONS) * len(self.labels), client_index_capacity)
+        self._tcp_columns = tcp_columns(len(self.labels))
 
     @property
     def servers(self) -> ServerSet:
@@ -94,6 +115,8 @@ class FrameCounter:
                                       np.arange(frames))
         result, families = parsed
         columns = []  # per family: frame index, client hi, client lo, direction, label
+        tcp_parts = []  # per family, with TCP health: TCP frames' positions in the columns and their fields
+        position = 0
         for family, ip in zip((FAMILY_V4, FAMILY_V6), families):
             src_server = matcher.contains(family, ip.src_hi, ip.src_lo)
             dst_server = matcher.contains(family, ip.dst_hi, ip.dst_lo)
@@ -108,11 +131,18 @@ class FrameCounter:
                             np.where(inbound, 0, 1),
                             self._label(take(ip.protocol), np.where(inbound, dport, sport),
                                         np.where(inbound, sport, dport))))
+            if self.tcp_flows is not None:
+                tcp = np.flatnonzero((take(ip.protocol) == IPPROTO_TCP) & (sport >= 0))
+                tcp_parts.append((family, position + tcp, *(take(values)[tcp] for values in (
+                    ip.src_hi, ip.src_lo, ip.dst_hi, ip.dst_lo, ip.network, ip.transport)), sport[tcp], dport[tcp]))
+            position += len(inbound)
         index, family, hi, lo, direction, label = (np.concatenate(parts) for parts in zip(*columns))
         hi, lo = self.grouping.mask(family, hi, lo)
         sums = self._clients.sum(index, family, hi, lo, direction * len(self.labels) + label,
-                                 wire_lengths[index])
+                                 wire_lengths[index], frame_rows=self.tcp_flows is not None)
         sums = sums._replace(counts=sums.counts.reshape(-1, 2, len(DIRECTIONS), len(self.labels)))
+        if self.tcp_flows is not None:
+            sums = self._tcp_health(batch, tcp_parts, index, direction, label, (family, hi, lo), sums)
         ignored = {IGNORED[code]: frames for code, frames in enumerate(np.bincount(result, minlength=SLOW + 1).tolist())
                    if code in IGNORED and frames}
         slow = np.flatnonzero(result == SLOW)
@@ -122,6 +152,70 @@ class FrameCounter:
         for reason, frames in slowly.ignored.items():
             ignored[reason] = ignored.get(reason, 0) + frames
         return concatenate(sums._replace(ignored=ignored), slowly)
+
+    def _tcp_health(self, batch: FrameBatch, tcp_parts: list, index: np.ndarray, direction: np.ndarray,
+                    label: np.ndarray, clients: tuple, sums: BatchCounts) -> BatchCounts:
+        """``sums`` with the TCP health sums of the batch's TCP frames, per client row."""
+        rows = self._clients.frame_rows
+        if (rows < 0).any():  # frames the client index summed by sorting: rows of their own, no bytes
+            rows, sums = _rows_by_sorting(rows, *clients, sums)
+        keys, positions, fields = [], [], []
+        for family, position, src_hi, src_lo, dst_hi, dst_lo, network, transport, sport, dport in tcp_parts:
+            frame = index[position]
+            inbound = direction[position] == 0
+            read = tcp_fields(batch.buffer, family == FAMILY_V6, batch.starts[frame], network, transport,
+                              batch.wire_lengths[frame])
+            sound = np.flatnonzero(read.sound)
+            client_port, server_port = np.where(inbound, sport, dport), np.where(inbound, dport, sport)
+            keys.append(np.stack([np.where(inbound, src_hi, dst_hi), np.where(inbound, src_lo, dst_lo),
+                                  np.where(inbound, dst_hi, src_hi), np.where(inbound, dst_lo, src_lo),
+                                  (np.uint64(family) << np.uint64(32))
+                                  | (client_port << 16 | server_port).astype(np.uint64)], axis=1)[sound])
+            positions.append(position[sound])
+            fields.append([values[sound] for values in read[:4]])
+        position = np.concatenate(positions)
+        keys = np.concatenate(keys)
+        flags, seq, ack, payload = (np.concatenate(parts) for parts in zip(*fields))
+        frame_direction = direction[position].astype(np.uint8)
+        inbound = frame_direction == 0
+        reset = (flags & RST) != 0
+        syn = (flags & SYN) != 0
+        acked = (flags & ACK) != 0
+        # Only frames that can change or read a connection's state reach the tracker: SYNs in,
+        # SYN-ACKs out, payload segments, and bare ACKs in (one of them may complete a handshake).
+        candidate = np.flatnonzero(~reset & ((syn & (inbound != acked)) | (payload > 0) | (inbound & acked)))
+        frame = index[position[candidate]]
+        if batch.timestamps is None:
+            times = np.full(len(candidate), NO_TIME, np.int64)
+        else:
+            stamps = batch.timestamps[frame]
+            known = ~np.isnan(stamps)
+            # to the microsecond: float seconds hold epoch times to about 0.24 us
+            times = np.where(known, np.round(np.where(known, stamps, 0) * 1e6).astype(np.int64) * 1000, NO_TIME)
+        events, rtt = self.tcp_flows.track(TcpFrames(keys[candidate], frame_direction[candidate], flags[candidate],
+                                                     seq[candidate], ack[candidate],
+                                                     payload[candidate].astype(np.uint32), times))
+        columns = self._tcp_columns
+        cells = []
+
+        def add(where: np.ndarray, column: np.ndarray) -> None:
+            cells.append(rows[where] * columns.width + column)
+
+        add(position[reset], columns.resets + frame_direction[reset])
+        chosen = position[candidate]
+        chosen_direction = frame_direction[candidate]
+        for bit, first in ((EVENT_SEGMENT, columns.segments), (EVENT_RETRANSMISSION, columns.retransmitted)):
+            hit = (events & bit) != 0
+            add(chosen[hit], first + chosen_direction[hit])
+        shaken = (events & EVENT_HANDSHAKE) != 0
+        add(chosen[shaken], columns.handshakes + label[chosen[shaken]])
+        measured = np.flatnonzero(events & EVENT_RTT)
+        add(chosen[measured], columns.rtt_buckets + np.searchsorted(RTT_BOUNDS_NS, rtt[measured]))
+        flat = np.concatenate(cells)
+        tcp = np.bincount(flat, minlength=len(sums.family) * columns.width).reshape(-1, columns.width)
+        np.add.at(tcp[:, columns.rtt_sum_ns], rows[chosen[measured]], rtt[measured])
+        table = self.tcp_flows
+        return sums._replace(tcp=tcp, tcp_table=(table.flows, table.evictions, table.unmeasured))
 
     def _empty(self) -> BatchCounts:
         return empty_counts(len(self.labels))

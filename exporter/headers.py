@@ -71,6 +71,8 @@ class IPFrames(NamedTuple):
     protocol: np.ndarray  # after IPv6 extension headers
     sport: np.ndarray  # -1 when the frame carries no port the reference would read
     dport: np.ndarray
+    network: np.ndarray  # offset of the IP header in the buffer
+    transport: np.ndarray  # offset of the transport header (after IPv6 extension headers)
 
 
 def parse_frames(link_type: int, buffer, starts: np.ndarray, ends: np.ndarray
@@ -127,7 +129,8 @@ def _parse_ipv4(reader: HeaderReader, index: np.ndarray, network: np.ndarray, en
     sport, dport = _ports(reader, network + header_length, ends, protocol, has_ports)
     zeros = np.zeros(len(index), np.uint64)
     return IPFrames(index, zeros, reader.u32_at(network + 12).astype(np.uint64), zeros,
-                    reader.u32_at(network + 16).astype(np.uint64), protocol, sport, dport)
+                    reader.u32_at(network + 16).astype(np.uint64), protocol, sport, dport, network,
+                    network + header_length)
 
 
 def _parse_ipv6(reader: HeaderReader, index: np.ndarray, network: np.ndarray, ends: np.ndarray,
@@ -149,7 +152,40 @@ def _parse_ipv6(reader: HeaderReader, index: np.ndarray, network: np.ndarray, en
             values[keep] for values in (index, network, ends, protocol, transport, has_ports))
     sport, dport = _ports(reader, transport, ends, protocol, has_ports)
     return IPFrames(index, reader.u64_at(network + 8), reader.u64_at(network + 16), reader.u64_at(network + 24),
-                    reader.u64_at(network + 32), protocol, sport, dport)
+                    reader.u64_at(network + 32), protocol, sport, dport, network, transport)
+
+
+class TcpFields(NamedTuple):
+    """TCP header fields of frames, for TCP health."""
+
+    flags: np.ndarray  # uint8
+    seq: np.ndarray  # uint32
+    ack: np.ndarray  # uint32
+    payload: np.ndarray  # int64: TCP payload bytes, from the IP length (never the captured length)
+    sound: np.ndarray  # bool: a data offset of at least 20 bytes, not an IPv4 fragment
+
+
+def tcp_fields(buffer, v6: bool, starts: np.ndarray, network: np.ndarray, transport: np.ndarray,
+               wire_lengths: np.ndarray) -> TcpFields:
+    """TCP header fields of frames whose IP header is at ``network`` and TCP header (20 bytes captured) at ``transport``.
+
+    The payload length is the IP payload length less the TCP header, so Ethernet padding and a
+    short snap length change nothing. An IP length of 0 (a segmentation-offload frame captured on
+    the sending host) is taken from the wire length instead.
+    """
+    reader = HeaderReader(buffer)
+    if v6:
+        stated = reader.u16_at(network + 4).astype(np.int64)
+        ip_end = np.where(stated > 0, network + 40 + stated, starts + wire_lengths)
+        fragment = np.zeros(len(network), bool)  # a first IPv6 fragment counts the payload it holds
+    else:
+        stated = reader.u16_at(network + 2).astype(np.int64)
+        ip_end = np.where(stated > 0, network + stated, starts + wire_lengths)
+        fragment = (reader.u16_at(network + 6) & 0x2000) != 0  # more fragments: a part of the segment
+    data_offset = (reader.u8_at(transport + 12) >> 4).astype(np.int64) * 4
+    return TcpFields(reader.u8_at(transport + 13), reader.u32_at(transport + 4).astype(np.uint32),
+                     reader.u32_at(transport + 8).astype(np.uint32),
+                     np.maximum(ip_end - transport - data_offset, 0), (data_offset >= 20) & ~fragment)
 
 
 def _ports(reader: HeaderReader, transport: np.ndarray, ends: np.ndarray, protocol: np.ndarray,

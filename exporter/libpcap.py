@@ -120,8 +120,10 @@ class LibpcapSource:
     kind = "live"
     restartable = True
 
-    def __init__(self, interface: str, bpf_filter: str = "", *, buffer_bytes: int = 16 << 20):
+    def __init__(self, interface: str, bpf_filter: str = "", *, buffer_bytes: int = 16 << 20,
+                 timestamps: bool = False):
         self.name = interface
+        self.timestamps = timestamps  # batches carry each frame's time (for TCP health)
         self.filter = bpf_filter
         self.buffer_bytes = buffer_bytes
         self._handle = None
@@ -207,7 +209,7 @@ class LibpcapSource:
                     continue
                 if collector.dispatch(handle, collector.room()) < 0:
                     raise SourceError(f"{self.name}: capture failed: {_error(handle)}")
-                yield collector.take(self.link_type, timestamps=False)
+                yield collector.take(self.link_type, timestamps=self.timestamps)
         finally:
             self.close()
 

@@ -46,9 +46,10 @@ class PcapSource:
     restartable = False  # read again, the file would be counted twice
 
     def __init__(self, path: str, *, realtime: bool = False, loop: bool = False, stream_fd: int = 0,
-                 capture_filter: str = ""):
+                 capture_filter: str = "", timestamps: bool = False):
         self.name = path
         self.realtime = realtime
+        self.timestamps = timestamps or realtime  # batches carry them: for pacing, or for TCP health
         self.loop = loop
         self.capture_filter = capture_filter
         self.stream = path == STDIN
@@ -106,17 +107,17 @@ class PcapSource:
                 raise SourceError(f"{self.name}: a stream can be read only once")
             self._streamed = 0
             self._tell = lambda: self._streamed
-            yield _read_stream(self._stream_chunks(), self.name, timestamps=self.realtime)
+            yield _read_stream(self._stream_chunks(), self.name, timestamps=self.timestamps)
             return
         if self.capture_filter:
             from .libpcap import read_filtered
 
-            yield read_filtered(self.name, self.capture_filter, timestamps=self.realtime)
+            yield read_filtered(self.name, self.capture_filter, timestamps=self.timestamps)
             return
         with self._open() as file:
             self._tell = file.tell
             try:
-                yield _read_frames(file, self.name, timestamps=self.realtime)
+                yield _read_frames(file, self.name, timestamps=self.timestamps)
             finally:
                 self._tell = lambda: self.size
 

@@ -71,7 +71,7 @@ BLOCK_STATUS_OFFSET = 8
 BLOCK_PACKETS = struct.Struct("=4xII")  # num_pkts, offset_to_first_pkt, from BLOCK_STATUS_OFFSET
 
 # struct tpacket3_hdr (48 bytes): tp_next_offset, tp_sec, tp_nsec, then these, native order
-HEADER_SNAPLEN, HEADER_LENGTH, HEADER_STATUS, HEADER_MAC, HEADER_VLAN_TCI = 12, 16, 20, 24, 32
+HEADER_SEC, HEADER_NSEC, HEADER_SNAPLEN, HEADER_LENGTH, HEADER_STATUS, HEADER_MAC, HEADER_VLAN_TCI = 4, 8, 12, 16, 20, 24, 32
 
 # struct sockaddr_ll, at TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) after each frame's header:
 # family, protocol (network order), ifindex, hatype, pkttype
@@ -89,7 +89,8 @@ class FanoutError(SourceError):
     """The socket cannot join the ``--fanout-group`` asked for."""
 
 
-def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) -> FrameBatch:
+def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int, timestamps: bool = False
+               ) -> FrameBatch:
     """The frames of one TPACKET_V3 ring block the kernel handed over (its status has TP_STATUS_USER).
 
     ``ring`` is the mapped ring (or a bytes-like object like it), ``block_start`` the block's offset
@@ -101,7 +102,8 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) ->
     the kernel leaves before it, where an Ethernet header has its type, and the frame is handed on
     as Ethernet (so a cooked capture's batch is ``LINKTYPE_ETHERNET``). Outgoing frames of interface
     index ``skip_outgoing_on`` (the loopback; 0: none) are left out: loopback frames show up twice,
-    outgoing and incoming, and libpcap keeps one.
+    outgoing and incoming, and libpcap keeps one. With ``timestamps``, the batch carries each frame's
+    ``tp_sec`` and ``tp_nsec``.
     """
     packet_count, first = BLOCK_PACKETS.unpack_from(ring, block_start + BLOCK_STATUS_OFFSET)
     headers = chained_records(ring, block_start + first, packet_count)
@@ -118,6 +120,7 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) ->
         outgoing = ((np.frombuffer(ring, np.uint8)[headers + SOCKADDR_LL_OFFSET + SOCKADDR_PKTTYPE] == PACKET_OUTGOING)
                     & (u32[headers + SOCKADDR_LL_OFFSET + SOCKADDR_IFINDEX] == skip_outgoing_on))
         headers, starts, ends, wire_lengths = (values[~outgoing] for values in (headers, starts, ends, wire_lengths))
+    stamps = u32[headers + HEADER_SEC] + u32[headers + HEADER_NSEC] / 1e9 if timestamps else None
     if link_type == LINKTYPE_LINUX_SLL:
         if len(starts) and (starts - headers).min() < SOCKADDR_LL_END + ETHERNET_HEADER_LENGTH:
             raise SourceError(f"unexpected capture ring layout (frame data at {(starts - headers).min()} bytes "
@@ -126,7 +129,7 @@ def read_block(ring, block_start: int, link_type: int, skip_outgoing_on: int) ->
         starts = starts - ETHERNET_HEADER_LENGTH
         wire_lengths += SLL_HEADER_LENGTH
         link_type = LINKTYPE_ETHERNET
-    return FrameBatch(link_type, ring, starts, ends, wire_lengths)
+    return FrameBatch(link_type, ring, starts, ends, wire_lengths, stamps)
 
 
 def ring_request(ring_bytes: int, block_bytes: int = RING_BLOCK_BYTES) -> tuple[int, ...]:
@@ -166,8 +169,9 @@ class LiveSource:
     restartable = True  # after an error the socket is opened again: nothing is counted twice
 
     def __init__(self, interface: str, bpf_filter: str = "", *, ring_bytes: int,
-                 fanout_group: Optional[int] = None):
+                 fanout_group: Optional[int] = None, timestamps: bool = False):
         self.name = interface
+        self.timestamps = timestamps  # batches carry each frame's time (for TCP health)
         self.filter = bpf_filter
         self.ring_bytes = ring_bytes
         self.fanout_group = fanout_group
@@ -306,10 +310,11 @@ class LiveSource:
                         if code:
                             raise OSError(code, os.strerror(code))
                     continue
-                batch = read_block(ring, start, self.link_type, self._loopback_index)
+                batch = read_block(ring, start, self.link_type, self._loopback_index, self.timestamps)
                 if batch:
                     yield batch  # counted in place: the block goes back to the kernel only afterwards
                     batch.starts = batch.ends = batch.wire_lengths = batch.starts[:0]  # no reading it once refilled
+                    batch.timestamps = None
                 BLOCK_STATUS.pack_into(ring, start + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
                 self._block = (self._block + 1) % block_count
         except OSError as error:

@@ -17,6 +17,7 @@ from .frames import Source
 from .replay import PcapSource
 from .summarize import most_frequent_address
 from .tally import Tally
+from .tcpflows import FlowTable
 
 log = logging.getLogger("exporter")
 
@@ -34,7 +35,7 @@ def open_source(config: Config) -> Capturing:
     if config.pcap:
         try:
             source = PcapSource(config.pcap, realtime=config.replay_speed == "realtime", loop=config.loop,
-                                capture_filter=config.filter)
+                                capture_filter=config.filter, timestamps=config.tcp_health)
         except FilterError as error:
             raise ConfigError(f"--filter: {error}") from None
         return Capturing(source, _servers_of_file(config, source))
@@ -46,9 +47,11 @@ def counting(config: Config, servers: ServerSet, *, idle_seconds: Optional[float
     """The counting engine and the tally it feeds."""
     grouping = ClientGrouping(config.client_prefix_v4, config.client_prefix_v6)
     labels = protocol_labels(DEFAULT_PORT_LABELS)
-    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, labels, grouping)
+    flows = FlowTable(config.max_tcp_flows) if config.tcp_health else None
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, labels, grouping, tcp_flows=flows)
     tally = Tally(max_clients=config.max_clients, grouping=grouping, labels=labels,
-                  client_idle_seconds=config.client_idle_seconds if idle_seconds is None else idle_seconds)
+                  client_idle_seconds=config.client_idle_seconds if idle_seconds is None else idle_seconds,
+                  max_tcp_flows=config.max_tcp_flows if config.tcp_health else None)
     return counter, tally
 
 
@@ -96,8 +99,9 @@ def _live_source(config: Config, interface: str) -> Source:
     if config.live_backend() == "libpcap":
         from .libpcap import LibpcapSource
 
-        return LibpcapSource(interface, config.filter, buffer_bytes=config.capture_buffer_mib << 20)
+        return LibpcapSource(interface, config.filter, buffer_bytes=config.capture_buffer_mib << 20,
+                             timestamps=config.tcp_health)
     from .ring import LiveSource
 
     return LiveSource(interface, config.filter, ring_bytes=config.capture_buffer_mib << 20,
-                      fanout_group=config.fanout_group)
+                      fanout_group=config.fanout_group, timestamps=config.tcp_health)

@@ -20,12 +20,14 @@ import numpy as np
 
 from .classify import DEFAULT_PORT_LABELS, DIRECTIONS, IN, OUT, protocol_labels
 from .clients import BatchCounts, ClientGrouping, ClientKey
+from .tcpflows import tcp_columns
 
 OTHER_CLIENT = "other"
 RESULTS = ("counted", "not_ip", "not_server", "internal", "malformed")
 OTHER_SLOT = 0
 DEFAULT_MAX_CLIENTS = 500
 DEFAULT_CLIENT_IDLE_SECONDS = 900
+DEFAULT_MAX_TCP_FLOWS = 100_000
 INITIAL_SLOTS = 64  # the table grows by doubling up to max_clients + 1 rows
 MAX_COUNT = 2 ** 63 - 1  # what a saved counter may hold
 
@@ -42,6 +44,11 @@ class TallySnapshot:
     tracked_clients: int
     max_clients: int
     evictions: int
+    # TCP health (None when off): per client row and in all, the sums laid out as tcpflows.tcp_columns
+    tcp: Optional[np.ndarray] = None
+    tcp_totals: Optional[np.ndarray] = None
+    tcp_table: tuple = (0, 0, 0)  # flows, flow evictions, handshakes unmeasured
+    max_tcp_flows: int = 0
 
     @property
     def series(self) -> dict[tuple[str, str, str], tuple[int, int]]:
@@ -74,8 +81,9 @@ class Tally:
     def __init__(self, *, max_clients: int = DEFAULT_MAX_CLIENTS, client_idle_seconds: float = DEFAULT_CLIENT_IDLE_SECONDS,
                  grouping: Optional[ClientGrouping] = None,
                  labels: Sequence[str] = protocol_labels(DEFAULT_PORT_LABELS),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_tcp_flows: Optional[int] = None):
         self.max_clients = max_clients
+        self.max_tcp_flows = max_tcp_flows  # None: TCP health off
         self.client_idle_seconds = client_idle_seconds
         self.grouping = grouping or ClientGrouping()
         self.labels = tuple(labels)
@@ -95,6 +103,10 @@ class Tally:
         self._evicted_detail: list[tuple[str, np.ndarray]] = []  # evicted since the last take: name, bytes
         self._results = dict.fromkeys(RESULTS, 0)
         self._evictions = 0
+        self._tcp_width = tcp_columns(len(self.labels)).width
+        self._tcp = np.zeros((slots, self._tcp_width), np.int64) if max_tcp_flows is not None else None
+        self._tcp_totals = np.zeros(self._tcp_width, np.int64)
+        self._tcp_table = (0, 0, 0)
         self._last_expiry = clock()
 
     def record(self, batch: BatchCounts) -> None:
@@ -112,6 +124,10 @@ class Tally:
                 totals = batch.counts.sum(axis=0)
                 self._totals += totals
                 self._results["counted"] += int(totals[1].sum())
+                if batch.tcp is not None and self._tcp is not None:
+                    np.add.at(self._tcp, slots, batch.tcp)
+                    self._tcp_totals += batch.tcp.sum(axis=0)
+                    self._tcp_table = batch.tcp_table
             if now - self._last_expiry >= 1.0:
                 self._expire(now)
 
@@ -136,6 +152,8 @@ class Tally:
             grown[:old] = getattr(self, name)
             setattr(self, name, grown)
         self._last_seen = np.concatenate([self._last_seen, np.zeros(new - old)])
+        if self._tcp is not None:
+            self._tcp = np.concatenate([self._tcp, np.zeros((new - old, self._tcp_width), np.int64)])
         self._keys += [None] * (new - old)
         self._names += [""] * (new - old)
         self._free = list(range(new - 1, old - 1, -1))
@@ -158,6 +176,8 @@ class Tally:
             if unseen.any():  # counted since the last take: the history still gets it
                 self._evicted_detail.append((self._names[slot], unseen))
             self._counts[slot] = self._taken[slot] = 0
+            if self._tcp is not None:
+                self._tcp[slot] = 0
             del self._slot_of[key]
             self._keys[slot] = None
             self._free.append(slot)
@@ -194,7 +214,10 @@ class Tally:
             return TallySnapshot(labels=self.labels, clients=[self._names[row] for row in rows],
                                  counts=self._counts[rows], totals=self._totals.copy(), results=dict(self._results),
                                  tracked_clients=len(self._slot_of), max_clients=self.max_clients,
-                                 evictions=self._evictions)
+                                 evictions=self._evictions,
+                                 tcp=None if self._tcp is None else self._tcp[rows],
+                                 tcp_totals=None if self._tcp is None else self._tcp_totals.copy(),
+                                 tcp_table=self._tcp_table, max_tcp_flows=self.max_tcp_flows or 0)
 
     def export_state(self) -> dict:
         """The cumulative counters as JSON-ready data, for ``--state-file``."""

@@ -10,6 +10,7 @@ from exporter.capture import CaptureStatus
 from exporter.collector import TrafficCollector, build_registry
 from exporter.tally import Tally
 from tests.builders import batch_counts
+from tests.tcp_traffic import tcp_health_tally
 
 
 SERVERS = ("192.0.2.1", "2001:db8::/64")
@@ -71,5 +72,51 @@ def test_registry_includes_process_and_platform_collectors():
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (Debian package prometheus)")
 def test_promtool_check_metrics_reports_nothing():
     text = generate_latest(build_registry(tally_with_traffic(), running_replay, lambda: SERVERS))
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == b"" and result.stderr == b"", result
+
+
+def test_tcp_health_families_per_client_in_other_and_in_exact_totals(tmp_path):
+    tally, expected = tcp_health_tally(tmp_path, max_clients=2)  # 10.0.0.2 and 10.0.0.3; the rest is other
+    registry = CollectorRegistry()
+    registry.register(TrafficCollector(tally, running_replay, lambda: SERVERS))
+    found = samples(registry)
+    a = expected["10.0.0.2"]
+    assert found[("traffic_client_tcp_handshakes_total", (("client", "10.0.0.2"), ("protocol", "HTTP")))] == 1
+    for name, key in (("segments", "segments"), ("retransmitted_segments", "retransmitted"), ("resets", "resets")):
+        for direction in ("in", "out"):
+            labels = (("client", "10.0.0.2"), ("direction", direction))
+            assert found[(f"traffic_client_tcp_{name}_total", labels)] == a[key][direction]
+            others = sum(expected[c][key][direction] for c in ("fd00::3", "10.0.0.4"))
+            assert found[(f"traffic_client_tcp_{name}_total", (("client", "other"), ("direction", direction)))] == others
+            assert found[(f"traffic_tcp_{name}_total", (("direction", direction),))] == sum(
+                truth[key][direction] for truth in expected.values())
+    # 12.3 ms: in the 25 ms bucket and above, not in the 10 ms one
+    rtt = "traffic_client_tcp_handshake_rtt_seconds"
+    assert found[(f"{rtt}_bucket", (("client", "10.0.0.2"), ("le", "0.01")))] == 0
+    assert found[(f"{rtt}_bucket", (("client", "10.0.0.2"), ("le", "0.025")))] == 1
+    assert found[(f"{rtt}_bucket", (("client", "10.0.0.2"), ("le", "+Inf")))] == 1
+    assert found[(f"{rtt}_sum", (("client", "10.0.0.2"),))] == pytest.approx(0.0123, abs=1e-6)
+    assert found[(f"{rtt}_count", (("client", "other"),))] == 1  # fd00::3's 0.7 s; 10.0.0.4 completed none
+    all_rtts = sorted(r for truth in expected.values() for r in truth["rtt"])
+    assert found[("traffic_tcp_handshake_rtt_seconds_count", ())] == len(all_rtts)
+    assert found[("traffic_tcp_handshake_rtt_seconds_bucket", (("le", "0.05"),))] == sum(r <= 0.05 for r in all_rtts)
+    assert found[("traffic_tcp_handshake_rtt_seconds_sum", ())] == pytest.approx(sum(all_rtts), abs=1e-5)
+    assert found[("traffic_tcp_handshakes_total", (("protocol", "SSH"),))] == 1
+    assert found[("traffic_tcp_handshakes_total", (("protocol", "DNS"),))] == 0  # every label, from the start
+    assert found[("traffic_exporter_tcp_flows", ())] == 5
+    assert found[("traffic_exporter_max_tcp_flows", ())] == 1000
+    assert found[("traffic_exporter_tcp_flow_evictions_total", ())] == 0
+    assert found[("traffic_exporter_tcp_handshakes_unmeasured_total", ())] == 0
+
+
+def test_without_tcp_health_there_is_no_tcp_family():
+    names = {name for name, _ in samples(build_registry(tally_with_traffic(), running_replay, lambda: SERVERS))}
+    assert not [name for name in names if "tcp" in name]
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (Debian package prometheus)")
+def test_promtool_check_metrics_reports_nothing_with_tcp_health(tmp_path):
+    text = generate_latest(build_registry(tcp_health_tally(tmp_path)[0], running_replay, lambda: SERVERS))
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert result.returncode == 0 and result.stdout == b"" and result.stderr == b"", result

@@ -47,6 +47,8 @@ def test_traffic_server_ip_wins_over_seed_name():
     ([], {"TRAFFIC_WEB_REQUEST_TIMEOUT": "0"},
      "--web-request-timeout (from TRAFFIC_WEB_REQUEST_TIMEOUT): expected an integer from 1 to 3600"),
     (["--web-idle-timeout", "soon"], {}, "--web-idle-timeout: expected an integer from 1 to 86400; got 'soon'"),
+    (["--tcp-health", "maybe"], {}, "--tcp-health: expected on or off; got 'maybe'"),
+    ([], {"TRAFFIC_MAX_TCP_FLOWS": "0"}, "--max-tcp-flows (from TRAFFIC_MAX_TCP_FLOWS): expected an integer from 1"),
 ])
 def test_invalid_values_name_the_flag_and_accepted_values(argv, environ, message):
     with pytest.raises(ConfigError, match=None) as error:
@@ -71,3 +73,10 @@ def test_web_limits_have_defaults_and_come_from_flags_or_environment():
     config = parse_config(["--web-max-connections", "64", "--web-request-timeout", "5"],
                           environ={"TRAFFIC_WEB_IDLE_TIMEOUT": "120", "TRAFFIC_WEB_MAX_CONNECTIONS": "9"})
     assert (config.web_max_connections, config.web_request_timeout, config.web_idle_timeout) == (64, 5, 120)
+
+
+def test_tcp_health_is_on_with_100000_flows_by_default_and_set_by_flag_or_environment():
+    config = parse_config([], environ={})
+    assert (config.tcp_health, config.max_tcp_flows) == (True, 100_000)
+    config = parse_config(["--tcp-health", "off"], environ={"TRAFFIC_MAX_TCP_FLOWS": "5000", "TRAFFIC_TCP_HEALTH": "on"})
+    assert (config.tcp_health, config.max_tcp_flows) == (False, 5000)

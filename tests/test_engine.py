@@ -186,3 +186,139 @@ def test_one_counter_over_many_batches_stays_exact_as_its_client_ids_fill_and_st
         buffer, spans = batch_from([(data, len(data), 0) for data in frames])
         counts = counter.count(FrameBatch.from_spans(LINKTYPE_ETHERNET, buffer, spans))
         assert engine_sums(counts) == reference(LINKTYPE_ETHERNET, buffer, spans, servers)[0]
+
+
+# TCP health: the engine's per-client sums of the flow tracker's events, against hand-made ground truth.
+
+def tcp_health_by_client(counts_list, prefixes=(32, 128)):
+    """Per client: handshakes by label, round trips (count, sum s, bucket counts), segments, retransmitted, resets."""
+    from exporter.tcpflows import tcp_columns
+
+    columns, grouping, found = tcp_columns(len(LABELS)), ClientGrouping(*prefixes), {}
+    for counts in counts_list:
+        for family, hi, lo, row in zip(counts.family.tolist(), counts.hi.tolist(), counts.lo.tolist(), counts.tcp):
+            client = found.setdefault(grouping.name((family, hi, lo)), {
+                "handshakes": {}, "rtt_buckets": [0] * 14, "rtt_sum": 0, "segments": {"in": 0, "out": 0},
+                "retransmitted": {"in": 0, "out": 0}, "resets": {"in": 0, "out": 0}})
+            for index, label in enumerate(LABELS):
+                if row[columns.handshakes + index]:
+                    client["handshakes"][label] = client["handshakes"].get(label, 0) + int(row[index])
+            client["rtt_buckets"] = [a + int(b) for a, b in zip(client["rtt_buckets"],
+                                                                row[columns.rtt_buckets:columns.rtt_sum_ns])]
+            client["rtt_sum"] += int(row[columns.rtt_sum_ns]) / 1e9
+            for name in ("segments", "retransmitted", "resets"):
+                first = getattr(columns, name)
+                for d, direction in enumerate((IN, OUT)):
+                    client[name][direction] += int(row[first + d])
+    return found
+
+
+def expected_health(expected):
+    """The ground truth in tcp_health_by_client's shape: each round trip in its bucket (le: at most the bound)."""
+    import bisect
+
+    from exporter.tcpflows import RTT_BUCKETS
+
+    shaped = {}
+    for client, truth in expected.items():
+        buckets = [0] * 14
+        for rtt in truth["rtt"]:
+            buckets[bisect.bisect_left(RTT_BUCKETS, rtt)] += 1
+        shaped[client] = {"handshakes": truth["handshakes"], "rtt_buckets": buckets, "rtt_sum": sum(truth["rtt"]),
+                          **{name: truth[name] for name in ("segments", "retransmitted", "resets")}}
+    return shaped
+
+
+def counted_with_tcp_health(path, native=True, batch_frames=None, timestamps=True, prefixes=(32, 128)):
+    from exporter.tcpflows import FlowTable, native_library
+
+    if native and native_library() is None:
+        pytest.skip("exporter/native/walk.so is not built")
+    counter = FrameCounter(ServerSet(["10.0.0.1", "fd00::1"]), DEFAULT_PORT_LABELS, LABELS,
+                           ClientGrouping(*prefixes), tcp_flows=FlowTable(1000, native=native))
+    results = []
+    for batch in PcapSource(str(path), timestamps=timestamps).batches(threading.Event()):
+        step = batch_frames or len(batch)
+        results.extend(counter.count(batch.part(begin, begin + step)) for begin in range(0, len(batch), step))
+    return results, counter
+
+
+@pytest.fixture(scope="module")
+def tcp_capture(tmp_path_factory):
+    from tests.tcp_traffic import build
+
+    path = tmp_path_factory.mktemp("tcp") / "tcp.pcap"
+    return path, build(path)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+@pytest.mark.parametrize("batch_frames", [None, 1, 3], ids=["one-batch", "frame-by-frame", "three-a-batch"])
+def test_tcp_health_per_client_equals_the_ground_truth(tcp_capture, native, batch_frames):
+    path, expected = tcp_capture
+    counted, counter = counted_with_tcp_health(path, native, batch_frames)
+    found = tcp_health_by_client(counted)
+    for client in found.values():
+        client["rtt_sum"] = round(client["rtt_sum"], 6)
+    truth = expected_health(expected)
+    for client in truth.values():
+        client["rtt_sum"] = round(client["rtt_sum"], 6)
+    assert found == truth
+    assert counter.tcp_flows.flows == 5 and counter.tcp_flows.evictions == 0
+
+
+def test_tcp_health_counts_handshakes_without_round_trips_when_frames_have_no_time(tcp_capture):
+    path, expected = tcp_capture
+    found = tcp_health_by_client(counted_with_tcp_health(path, timestamps=False)[0])
+    assert {client: figures["handshakes"] for client, figures in found.items()} == {
+        client: truth["handshakes"] for client, truth in expected.items()}
+    assert all(sum(figures["rtt_buckets"]) == 0 for figures in found.values())
+
+
+def test_tcp_health_follows_the_client_prefix(tcp_capture):
+    path, expected = tcp_capture
+    found = tcp_health_by_client(counted_with_tcp_health(path, prefixes=(24, 64))[0], prefixes=(24, 64))
+    v4 = [truth for client, truth in expected.items() if "." in client]
+    assert sorted(found) == ["10.0.0.0/24", "fd00::/64"]
+    assert found["10.0.0.0/24"]["segments"] == {d: sum(t["segments"][d] for t in v4) for d in (IN, OUT)}
+    assert found["10.0.0.0/24"]["handshakes"] == {"HTTP": 1, "HTTPS": 1}
+
+
+def test_tcp_health_changes_no_byte_count_and_off_adds_nothing(tcp_capture):
+    path, _ = tcp_capture
+    counted, _ = counted_with_tcp_health(path)
+    plain = FrameCounter(ServerSet(["10.0.0.1", "fd00::1"]), DEFAULT_PORT_LABELS, LABELS)
+    without = [plain.count(batch) for batch in PcapSource(str(path)).batches(threading.Event())]
+    assert all(counts.tcp is None for counts in without)
+    assert engine_sums(without[0]) == engine_sums(counted[0])
+
+
+@pytest.mark.parametrize("capacity", [1, 2], ids=lambda c: f"client-ids-{c}")
+def test_tcp_health_stays_exact_when_clients_are_summed_by_sorting(tcp_capture, capacity):
+    from exporter.tcpflows import FlowTable
+
+    path, expected = tcp_capture
+    counter = FrameCounter(ServerSet(["10.0.0.1", "fd00::1"]), DEFAULT_PORT_LABELS, LABELS,
+                           client_index_capacity=capacity, tcp_flows=FlowTable(1000))
+    counted = [counter.count(batch) for batch in PcapSource(str(path), timestamps=True).batches(threading.Event())]
+    found = tcp_health_by_client(counted)
+    assert {c: (f["segments"], f["retransmitted"], f["resets"], f["handshakes"]) for c, f in found.items()} == {
+        c: (t["segments"], t["retransmitted"], t["resets"], t["handshakes"]) for c, t in expected.items()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), batches=st.lists(st.lists(st.integers(0, 599), min_size=1, max_size=30),
+                                                    min_size=1, max_size=6),
+       capacity=st.sampled_from([1, 4, 1 << 16]))
+def test_tcp_health_on_any_frames_leaves_the_byte_counts_exact(seed, batches, capacity):
+    from exporter.tcpflows import FlowTable
+
+    pool = [frame for frame in frame_pool() if frame[0] == LINKTYPE_ETHERNET]
+    servers = servers_for(pool, random.Random(seed))
+    counter = FrameCounter(servers, DEFAULT_PORT_LABELS, LABELS, client_index_capacity=capacity,
+                           tcp_flows=FlowTable(8))
+    for picks in batches:
+        frames = [pool[index % len(pool)][1] for index in picks]
+        buffer, spans = batch_from([(data, len(data), 0) for data in frames])
+        counts = counter.count(FrameBatch.from_spans(LINKTYPE_ETHERNET, buffer, spans))
+        assert engine_sums(counts) == reference(LINKTYPE_ETHERNET, buffer, spans, servers)[0]
+        assert counts.tcp.shape[0] == len(counts.family)

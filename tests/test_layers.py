@@ -8,8 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("exporter", "compat_api")
 # The hot path: pure functions and arrays, upstream of everything that holds state or does I/O.
+# tcpflows, like clients' ClientIndex, keeps arrays the capture thread alone owns: no lock, no I/O.
 HOT_PATH = {"exporter.decode", "exporter.classify", "exporter.headers", "exporter.clients", "exporter.engine",
-            "exporter.frames", "exporter.walk"}
+            "exporter.frames", "exporter.walk", "exporter.tcpflows"}
 # What reads the counters, and what wires the process together: nothing upstream may import them.
 READERS_AND_WIRING = {"exporter.collector", "exporter.capture", "exporter.summarize", "exporter.serve",
                       "exporter.startup", "exporter.cli", "exporter.config", "compat_api.app", "compat_api.history"}

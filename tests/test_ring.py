@@ -31,7 +31,9 @@ class RingFrame:
 
     def __init__(self, data: bytes, *, wire_length: int = 0, status: int = TP_STATUS_USER, tci: int = 0,
                  tpid: int = 0, mac: int = ETHERNET_MAC_OFFSET, ifindex: int = 2, pkttype: int = 0,
-                 hatype: int = ARPHRD_ETHER, address: bytes = b"\x02\x00\x00\x00\x00\x01", protocol: int = 0x0800):
+                 hatype: int = ARPHRD_ETHER, address: bytes = b"\x02\x00\x00\x00\x00\x01", protocol: int = 0x0800,
+                 time: tuple[int, int] = (1700000000, 5)):
+        self.time = time
         self.data, self.wire_length, self.status = data, wire_length or len(data), status
         self.tci, self.tpid = tci, tpid
         self.mac, self.ifindex, self.pkttype, self.hatype, self.address = mac, ifindex, pkttype, hatype, address
@@ -42,7 +44,7 @@ class RingFrame:
         record = bytearray(size)
         # tp_next_offset (0 for a block's last frame), tp_sec, tp_nsec, tp_snaplen, tp_len, tp_status,
         # tp_mac, tp_net, hv1 (tp_rxhash, tp_vlan_tci, tp_vlan_tpid, padding), padding
-        struct.pack_into("=IIIIIIHHIIHH8x", record, 0, 0 if last else size, 1700000000, 5, len(self.data),
+        struct.pack_into("=IIIIIIHHIIHH8x", record, 0, 0 if last else size, *self.time, len(self.data),
                          self.wire_length, self.status, self.mac, self.mac, 0xDEADBEEF, self.tci, self.tpid, 0)
         struct.pack_into("=H", record, 48, 17)  # sockaddr_ll: AF_PACKET, ...
         struct.pack_into("!H", record, 50, self.protocol)  # ... protocol in network order, ...
@@ -79,6 +81,13 @@ def test_read_block_reads_a_block_at_its_offset_in_the_ring_and_honours_offset_t
     frame = ethernet_udp()
     block = ring_block([RingFrame(frame), RingFrame(frame)], lead=b"\xff" * 4096, first_offset=64)
     assert frames_of(read_block(block, 4096, LINKTYPE_ETHERNET, 0)) == [Frame(len(frame), frame)] * 2
+
+
+def test_read_block_gives_each_frame_its_tp_sec_and_tp_nsec_when_asked():
+    frames = [RingFrame(ethernet_udp(), time=(1700000000, 250_000_000)), RingFrame(ethernet_udp(), time=(1700000001, 7))]
+    batch = read_block(ring_block(frames), 0, LINKTYPE_ETHERNET, 0, timestamps=True)
+    assert batch.timestamps.tolist() == [1700000000.25, 1700000001 + 7e-9]
+    assert read_block(ring_block(frames), 0, LINKTYPE_ETHERNET, 0).timestamps is None
 
 
 def test_read_block_returns_nothing_for_an_empty_block():

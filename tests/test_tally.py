@@ -5,8 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.clients import ClientGrouping
-from exporter.tally import OTHER_CLIENT, Tally
+from exporter.tally import DEFAULT_CLIENT_IDLE_SECONDS, OTHER_CLIENT, Tally
 from tests.builders import batch_counts
+from tests.tcp_traffic import tcp_health_tally
 
 
 class FakeClock:
@@ -172,3 +173,15 @@ def test_invariants_hold_for_random_streams(stream, max_clients, idle):
         increase += prometheus_increase(previous.series, snapshot.series)
         previous = snapshot
     assert increase == total  # scraped after every batch, no byte is counted twice or lost
+
+
+def test_an_evicted_clients_tcp_health_series_end_and_the_totals_keep_it(tmp_path):
+    now = [0.0]
+    tally, expected = tcp_health_tally(tmp_path, clock=lambda: now[0])
+    before = tally.snapshot()
+    now[0] = DEFAULT_CLIENT_IDLE_SECONDS + 10
+    tally.expire()
+    after = tally.snapshot()
+    assert before.tcp.shape[0] == 5 and after.clients == ["other"]
+    assert not after.tcp.any()  # other never counted these clients; nothing moved into it
+    assert (after.tcp_totals == before.tcp_totals).all() and before.tcp_totals.sum() > 0
