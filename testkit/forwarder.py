@@ -26,7 +26,6 @@ import fcntl
 import heapq
 import ipaddress
 import json
-import os
 import random
 import select
 import signal
@@ -36,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from testkit import netns
 from testkit.live_traffic import wait_for_line
@@ -234,7 +233,8 @@ def disable_offloads(interface: str) -> dict[str, int]:
 def _in_namespace(namespace: str, *argv: str) -> str:
     """Run this module's command line in ``namespace``; its standard output."""
     command = ["ip", "netns", "exec", namespace, sys.executable, "-m", "testkit.forwarder", *argv]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=netns.COMMAND_TIMEOUT, cwd=REPO_ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=netns.COMMAND_TIMEOUT, cwd=REPO_ROOT,
+                            check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout
