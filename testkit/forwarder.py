@@ -60,6 +60,7 @@ ETHTOOL_STXCSUM, ETHTOOL_SGSO, ETHTOOL_SGRO = 0x17, 0x24, 0x2C
 ETHTOOL_GTXCSUM, ETHTOOL_GTSO, ETHTOOL_GGSO, ETHTOOL_GGRO = 0x16, 0x1E, 0x23, 0x2B
 MAX_QUEUED_FRAMES = 20_000  # ~30 MiB of full frames: far beyond what a test's delay holds in flight
 MAX_DURATION = 120.0
+MAX_REPORTED_DROPS = 10_000  # beyond that, drops are only counted (dropped_unreported)
 
 
 # --------------------------------------------------------------------------- frames (pure)
@@ -159,7 +160,8 @@ def forward(client_side: str, server_side: str, delay: float, rules: DropRules, 
     forwarded = {"in": 0, "out": 0}
     segments = {"in": 0, "out": 0}
     report = {"delay": delay, "forwarded": forwarded, "payload_segments": segments, "dropped": [],
-              "oversized": 0, "largest_frame": 0, "queue_overflow": 0, "send_errors": 0}
+              "dropped_unreported": 0, "oversized": 0, "largest_frame": 0, "queue_overflow": 0,
+              "send_errors": 0}
     queue: list[tuple[float, int, str, bytes]] = []
     order = 0
     start = time.monotonic()
@@ -193,8 +195,11 @@ def forward(client_side: str, server_side: str, delay: float, rules: DropRules, 
                 if segment is not None and segment.payload > 0:
                     segments[direction] += 1
                     if rules.drop(direction, segments[direction]):
-                        report["dropped"].append({"direction": direction, "number": segments[direction],
-                                                  "time": round(arrived - start, 6), **segment.__dict__})
+                        if len(report["dropped"]) < MAX_REPORTED_DROPS:
+                            report["dropped"].append({"direction": direction, "number": segments[direction],
+                                                      "time": round(arrived - start, 6), **segment.__dict__})
+                        else:
+                            report["dropped_unreported"] += 1
                         continue
                 if len(queue) >= MAX_QUEUED_FRAMES:
                     report["queue_overflow"] += 1
