@@ -1,7 +1,8 @@
 """Every Grafana panel query returns data from a real Prometheus scraping the exporter and running the rules.
 
-The exporter replays a synthetic pcap in a loop at its recorded pace; Prometheus scrapes it every
-second with prometheus/traffic.rules.yml loaded, so raw series, recording rules and Prometheus'
+The exporter replays a synthetic pcap in a loop at its recorded pace (the benchmark's frames with
+a few TCP connections woven in: handshakes, retransmissions and resets, for the TCP health row);
+Prometheus scrapes it every second with prometheus/traffic.rules.yml loaded, so raw series, recording rules and Prometheus'
 own per-target series (up, scrape_duration_seconds) all exist when the panels are queried.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.generate import SERVER_V4, SERVER_V6, write_pcap
+from bench.generate import SERVER_V4, SERVER_V6, friendly_frames, write_frames
 from tests.dashboard_queries import panel_queries
 from testkit.process import free_port, get, running_exporter, terminate
 
@@ -41,6 +42,8 @@ RECORDING_RULES = (
     "protocol:traffic_bytes:rate5m",
     "direction:traffic_bytes:rate5m",
     "direction:traffic_packets:rate5m",
+    "instance:traffic_tcp_retransmitted_segments_per_segments:ratio_rate5m",
+    "client:traffic_client_tcp_handshake_rtt_seconds:p90_rate5m",
 )
 # rate()/increase() need two samples inside their window; the shortest window the panels use is
 # $__rate_interval, which panel_queries substitutes as 1m. Every exporter series comes from the same
@@ -53,6 +56,57 @@ READY_QUERIES = (
 # Panel queries (as panel_queries returns them) allowed to return no series -> the reason. None is:
 # counters that stay at 0 in a replay (kernel drops, evictions, restarts) still give a series.
 EXEMPT_PANEL_QUERIES: dict[str, str] = {}
+
+# TCP connections woven into the replay: (client, handshake RTT in frame gaps, payload segments out,
+# which of them are sent twice, who resets). At 10k frames/s a gap is 0.1 ms: RTTs of 10, 50 and 200 ms.
+TCP_CONNECTIONS = (("10.99.200.1", 100, 30, (4, 17, 25), "client"),
+                   ("10.99.200.2", 500, 20, (), "server"),
+                   ("fd00:99::200:3", 2000, 15, (9,), "client"))
+
+
+def tcp_connection_frames(client: str, rtt_gaps: int, segments: int, resent: tuple[int, ...],
+                          resetter: str, start: int) -> dict[int, bytes]:
+    """Frame position -> frame of one connection to the server's port 80 starting at position ``start``."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    ip = (IPv6(src=client, dst=SERVER_V6), IPv6(src=SERVER_V6, dst=client)) if ":" in client else \
+        (IP(src=client, dst=SERVER_V4), IP(src=SERVER_V4, dst=client))
+    ether_in, ether_out = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01"), Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    client_isn, server_isn, port = 1000, 5000, 40000
+
+    def inbound(**tcp):
+        return bytes(ether_in / ip[0] / TCP(sport=port, dport=80, **tcp))
+
+    def outbound(payload: bytes = b"", **tcp):
+        return bytes(ether_out / ip[1] / TCP(sport=80, dport=port, **tcp) / payload)
+
+    frames = {start: inbound(flags="S", seq=client_isn),
+              start + 1: outbound(flags="SA", seq=server_isn, ack=client_isn + 1),
+              start + 1 + rtt_gaps: inbound(flags="A", seq=client_isn + 1, ack=server_isn + 1)}
+    position = start + 2 + rtt_gaps
+    sent = [*range(segments), *resent]  # the resent ones again at the end: retransmissions
+    for index in sent:
+        frames[position] = outbound(b"d" * 1000, flags="PA", seq=server_isn + 1 + 1000 * index, ack=client_isn + 1)
+        position += 3
+    end = server_isn + 1 + 1000 * segments
+    frames[position] = (inbound(flags="R", seq=client_isn + 1) if resetter == "client"
+                        else outbound(flags="R", seq=end))
+    return frames
+
+
+def write_replay_pcap(path: Path) -> None:
+    """The benchmark's friendly frames with ``TCP_CONNECTIONS`` woven in, stamped at the replay pace."""
+    woven: dict[int, bytes] = {}
+    for number, connection in enumerate(TCP_CONNECTIONS):
+        woven.update(tcp_connection_frames(*connection, start=100 + 3000 * number))
+    friendly = friendly_frames(PCAP_FRAMES, clients=PCAP_CLIENTS, seed=1)
+    total = PCAP_FRAMES + len(woven)
+    assert max(woven) < total
+    write_frames(str(path), (woven[i] if i in woven else next(friendly) for i in range(total)),
+                 REPLAY_FRAMES_PER_SECOND)
+
 
 if shutil.which("prometheus") is None:
     pytest.skip("the prometheus binary is not installed (Debian package prometheus)", allow_module_level=True)
@@ -133,7 +187,7 @@ def test_every_dashboard_panel_query_returns_data_from_real_prometheus(tmp_path)
     queries = panel_queries(DASHBOARD)
     assert queries, f"{DASHBOARD} has no panel query"
     pcap = tmp_path / "traffic.pcap"
-    write_pcap(str(pcap), PCAP_FRAMES, clients=PCAP_CLIENTS, seed=1, frames_per_second=REPLAY_FRAMES_PER_SECOND)
+    write_replay_pcap(pcap)
     exporter_args = ["--pcap", str(pcap), "--server-ip", SERVER_V4, "--server-ip", SERVER_V6,
                      "--loop", "--replay-speed", "realtime", "--log-level", "warning"]
     with running_exporter(exporter_args) as (exporter_url, _exporter):

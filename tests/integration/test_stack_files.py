@@ -32,6 +32,7 @@ EXPECTED_ALERTS = {
     "TrafficKernelDrops",
     "TrafficClientTableFull",
     "TrafficNoTraffic",
+    "TrafficTcpRetransmissionsHigh",
 }
 INSTANCE_FILTER = 'instance=~"$instance"'
 # Series a dashboard query may read: the exporter's metrics, Prometheus' per-target series, and
@@ -300,6 +301,19 @@ def test_dashboard_reads_only_recording_rules_that_exist():
             for name, _matchers in _SERIES_NAME.findall(target["expr"]):
                 if ":" in name:
                     assert name in recorded, f"{panel['title']}: {name} is not a recording rule"
+
+
+def test_dashboard_tcp_health_row_reads_the_tcp_health_recording_rules():
+    placed = load_dashboard()["panels"]
+    row = next(index for index, panel in enumerate(placed) if panel["type"] == "row" and panel["title"] == "TCP health")
+    end = next((index for index in range(row + 1, len(placed)) if placed[index]["type"] == "row"), len(placed))
+    exprs = " ".join(target["expr"] for panel in placed[row + 1:end] for target in panel["targets"])
+    tcp_rules = {name for name in recorded_series_names() if "_tcp_" in name}
+    read = {name for name, _matchers in _SERIES_NAME.findall(exprs) if ":" in name}
+    # The per-client ratio rule is for per-exporter queries: the table divides rates summed across
+    # exporters, so a client several servers see gets one ratio.
+    assert read == tcp_rules - {"client:traffic_client_tcp_retransmitted_segments_per_segments:ratio_rate5m"}
+    assert {placed[index]["type"] for index in range(row + 1, end)} >= {"stat", "table", "timeseries"}
 
 
 def test_dashboard_panels_have_units():
