@@ -48,12 +48,14 @@ def run_summarize(config: Config) -> int:
     On a terminal, stderr shows the progress of work that takes more than a second (not with --format json).
     """
     from .progress import progress_on
-    from .startup import counting, open_source
+    from .startup import client_facts, counting, open_source
     from .summarize import format_json, format_table, summarize
 
+    facts = client_facts(config)
     capturing = open_source(config)
     progress = progress_on(sys.stderr, capturing.source.size) if config.output_format == "table" else None
-    summary = summarize(capturing.source, *counting(config, capturing.servers, idle_seconds=float("inf")), progress)
+    counter, tally = counting(config, capturing.servers, idle_seconds=float("inf"), facts=facts)
+    summary = summarize(capturing.source, counter, tally, progress)
     print(format_json(summary) if config.output_format == "json" else format_table(summary))
     return 0
 

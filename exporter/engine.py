@@ -110,8 +110,8 @@ class FrameCounter:
                                         np.where(inbound, sport, dport))))
         index, family, hi, lo, direction, label = (np.concatenate(parts) for parts in zip(*columns))
         hi, lo = self.grouping.mask(family, hi, lo)
-        sums = self._clients.sum(index, family, hi, lo, direction * len(self.labels) + label,
-                                 wire_lengths[index])
+        sums = self.grouping.regroup(self._clients.sum(index, family, hi, lo, direction * len(self.labels) + label,
+                                                       wire_lengths[index]))
         sums = sums._replace(counts=sums.counts.reshape(-1, 2, len(DIRECTIONS), len(self.labels)))
         ignored = {IGNORED[code]: frames for code, frames in enumerate(np.bincount(result, minlength=SLOW + 1).tolist())
                    if code in IGNORED and frames}
