@@ -33,9 +33,10 @@ class ClientFacts:
         return {"hostname": hostname, "asn": "" if place.asn is None else str(place.asn),
                 "as_org": place.as_org or "", "country": place.country or ""}
 
-    def known(self, client: str) -> dict[str, str]:
-        """The fields of ``describe`` that are known (for the REST API and summarize)."""
-        return {field: value for field, value in self.describe(client).items() if value}
+    def known(self, client: str) -> dict[str, object]:
+        """The fields of ``describe`` that are known, ``asn`` as a number (for the REST API and summarize)."""
+        return {field: int(value) if field == "asn" else value for field, value in self.describe(client).items()
+                if value}
 
     def _place(self, client: str) -> Place:
         """The databases' answer for an address, or for a network's first address (``--client-prefix-*``)."""

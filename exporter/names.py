@@ -53,23 +53,25 @@ def system_resolve(address: str) -> Optional[str]:
 
 
 class RateLimit:
-    """At most ``rate`` acquisitions per second across threads: each one a 1/rate slot of its own."""
+    """At most ``rate`` grants per second across threads: consecutive grants at least 1/rate apart."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
         self.interval = 1.0 / rate
-        self.clock, self.sleep = clock, sleep
-        self._next = 0.0
+        self.clock = clock
+        self._next = float("-inf")
         self._lock = threading.Lock()
 
     def acquire(self, stop: threading.Event) -> bool:
-        """Wait for this caller's slot; False if ``stop`` is set first."""
-        with self._lock:
-            now = self.clock()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        wait = slot - self.clock()
-        return not stop.wait(wait) if wait > 0 else not stop.is_set()
+        """Wait for a grant; False if ``stop`` is set first."""
+        while not stop.is_set():
+            with self._lock:
+                now = self.clock()
+                if now >= self._next:
+                    self._next = now + self.interval
+                    return True
+                wait = self._next - now
+            stop.wait(wait)
+        return False
 
 
 class NameResolver:
@@ -139,6 +141,15 @@ class NameResolver:
         """Nothing queued and nothing being resolved."""
         with self._lock:
             return not self._pending
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait until every name asked for is answered, ``seconds`` at most; whether it is."""
+        deadline = time.monotonic() + seconds
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _work(self) -> None:
         while not self._stop.is_set():

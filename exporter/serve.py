@@ -79,7 +79,7 @@ def _http_server(config: Config, tally: Tally, capture: Capture, history: Histor
                  servers: ServerAddresses, facts: ClientFacts) -> BoundedServer:
     """``/metrics`` and the REST API on one listening socket, behind basic auth when configured."""
     app: Callable = DispatcherMiddleware(
-        create_app(history, capture.status, servers.addresses, config.cors_origins),
+        create_app(history, capture.status, servers.addresses, config.cors_origins, facts.known),
         {"/metrics": make_wsgi_app(build_registry(tally, capture.status, servers.addresses, facts))})
     if config.web_config:
         app = BasicAuthMiddleware(app, load_web_config(config.web_config))

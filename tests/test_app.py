@@ -409,3 +409,38 @@ def test_replayed_pcap_matches_the_oracle(tally):
         assert (clients[ip]["bytes_in"], clients[ip]["bytes_out"]) == (want["bytes_in"], want["bytes_out"])
         assert {k: v for k, v in clients[ip]["protocols"].items() if v} == want["protocols"]
     assert client.get("/protocols").get_json()["total_bytes"] == expected["total_bytes"]
+
+
+# --- who the clients are (--geoip-db, --resolve-names) ----------------------------------------------
+
+def facts_of(known: dict):
+    return lambda client: dict(known.get(client, {}))
+
+
+KNOWN = {"198.51.100.10": {"hostname": "web.example", "asn": 64496, "as_org": "Example Transit", "country": "DE"},
+         "198.51.100.20": {"country": "FR"}}
+
+
+def test_traffic_entries_carry_what_is_known_of_their_clients_and_only_that(tally):
+    history = build_history(tally)
+    body = create_app(history, lambda: CaptureStatus("pcap", "x.pcap"), lambda: (SERVER,),
+                      client_facts=facts_of(KNOWN)).test_client().get("/traffic").get_json()
+    by_ip = {entry["ip"]: entry for entry in body["clients"]}
+    assert list(by_ip["198.51.100.10"]) == ["ip", "bytes_in", "bytes_out", "total", "protocols", "hostname", "asn",
+                                            "as_org", "country"]
+    assert {key: by_ip["198.51.100.10"][key] for key in KNOWN["198.51.100.10"]} == KNOWN["198.51.100.10"]
+    assert list(by_ip["198.51.100.20"])[5:] == ["country"] and by_ip["198.51.100.20"]["country"] == "FR"
+    assert list(by_ip["198.51.100.30"]) == ["ip", "bytes_in", "bytes_out", "total", "protocols"]  # the legacy shape
+    assert by_ip["198.51.100.10"]["total"] == SIZE["http"] + SIZE["https"]  # counts unchanged
+
+
+def test_traffic_with_client_facts_matches_the_openapi_schema(tally, openapi_components):
+    client = create_app(build_history(tally), lambda: CaptureStatus("pcap", "x.pcap"), lambda: (SERVER,),
+                        client_facts=facts_of(KNOWN)).test_client()
+    validator = OAS30Validator({"$ref": "#/components/schemas/Traffic", "components": openapi_components})
+    validator.validate(client.get("/traffic").get_json())
+    bad = {"198.51.100.10": {"country": "Germany"}}
+    wrong = create_app(build_history(Tally()), lambda: CaptureStatus("pcap", "x.pcap"), lambda: (SERVER,),
+                       client_facts=facts_of(bad)).test_client().get("/traffic").get_json()
+    with pytest.raises(Exception):  # the schema holds the fields to their documented shapes
+        validator.validate(wrong)

@@ -103,3 +103,19 @@ def test_bad_databases_stop_start_up_with_one_line(tmp_path, cover_databases):
     wrong = summarize(CORPUS_PCAPS / "afs.pcap", "--geoip-db", cover_databases[1], "--client-by", "asn")
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
         "traffic-exporter: --client-by asn: none of the --geoip-db files holds asn data"]
+
+
+def test_summarize_prints_what_the_databases_say_in_the_table_and_the_json(cover_databases):
+    databases = ("--geoip-db", ",".join(cover_databases))
+    table = summarize(CORPUS_PCAPS / "afs.pcap", *databases)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:] if line.startswith("131.")}
+    assert "131.151.1.59 (AS64515 Org 64515, JP)" in rows["131.151.1.59"]
+    assert "131.151.1.146 (AS64516 Org 64516)" in rows["131.151.1.146"]  # its /26 names no country
+    clients = {c["ip"]: c for c in json.loads(summarize(CORPUS_PCAPS / "afs.pcap", *databases, "--format",
+                                                        "json").stdout)["clients"]}
+    assert {k: clients["131.151.1.59"][k] for k in ("asn", "as_org", "country")} == {
+        "asn": 64515, "as_org": "Org 64515", "country": "JP"}
+    assert "country" not in clients["131.151.1.146"] and "hostname" not in clients["131.151.1.146"]
+    by_country = summarize(CORPUS_PCAPS / "afs.pcap", *databases, "--client-by", "country").stdout.splitlines()
+    assert [line.split()[0] for line in by_country[1:3]] == ["unknown", "JP"] and "(JP)" not in by_country[2]
