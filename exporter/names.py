@@ -53,25 +53,25 @@ def system_resolve(address: str) -> Optional[str]:
 
 
 class RateLimit:
-    """At most ``rate`` grants per second across threads: consecutive grants at least 1/rate apart."""
+    """At most ``rate`` grants per second across threads: consecutive grants at least 1/rate apart.
+
+    One caller waits for the next grant at a time; the others wait on the lock without waking.
+    """
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
         self.interval = 1.0 / rate
         self.clock = clock
         self._next = float("-inf")
-        self._lock = threading.Lock()
+        self._turn = threading.Lock()
 
     def acquire(self, stop: threading.Event) -> bool:
         """Wait for a grant; False if ``stop`` is set first."""
-        while not stop.is_set():
-            with self._lock:
-                now = self.clock()
-                if now >= self._next:
-                    self._next = now + self.interval
-                    return True
-                wait = self._next - now
-            stop.wait(wait)
-        return False
+        with self._turn:
+            wait = self._next - self.clock()
+            if (stop.wait(wait) if wait > 0 else stop.is_set()):
+                return False
+            self._next = self.clock() + self.interval
+            return True
 
 
 class NameResolver:

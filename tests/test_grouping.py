@@ -115,3 +115,15 @@ def test_the_organisation_of_an_as_is_remembered_from_its_addresses(geo):
     tally_of(random_frames(random.Random(2), 500), grouping)
     assert grouping.organisation(64496) == "Example Transit"
     assert grouping.organisation(64498) is None  # the database names no organisation
+
+
+def test_a_state_saved_by_address_restores_its_totals_but_not_its_clients_by_key(geo):
+    frames = random_frames(random.Random(8), 300)
+    by_ip = tally_of(frames, ClientGrouping())
+    restored = Tally(max_clients=10_000, grouping=AttributeGrouping(ASN, geo.place), labels=LABELS)
+    restored.prepare_restore(by_ip.export_state())()
+    snapshot = restored.snapshot()
+    assert snapshot.tracked_clients == 0 and (snapshot.totals == by_ip.snapshot().totals).all()
+    by_key = tally_of(frames, AttributeGrouping(ASN, geo.place)).export_state()
+    with pytest.raises(ValueError, match="bad client"):  # AS labels mean nothing to a tally of addresses
+        Tally(labels=LABELS).prepare_restore(by_key)
