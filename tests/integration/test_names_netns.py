@@ -104,3 +104,21 @@ def test_names_come_from_the_namespaces_hosts_file_at_the_configured_rate(tmp_pa
     assert entries["2001:db8::7"].get("hostname") == "six.example.test"
     assert "hostname" not in entries[UNNAMED] and list(entries[UNNAMED]) == ["ip", "bytes_in", "bytes_out", "total",
                                                                               "protocols"]
+
+
+def test_summarize_prints_the_names_of_the_namespaces_hosts_file(tmp_path):
+    pcap = tmp_path / "clients.pcap"
+    wrpcap(str(pcap), [Ether(**MACS) / IP(src="198.51.100.7", dst="192.0.2.1") / UDP(sport=5000, dport=53),
+                       Ether(**MACS) / IP(src=UNNAMED, dst="192.0.2.1") / UDP(sport=5000, dport=53),
+                       Ether(**MACS) / IPv6(src="2001:db8::7", dst="2001:db8::1") / UDP(sport=5000, dport=53)])
+    hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in NAMED.items())
+    with namespace_pair() as pair, namespace_files(pair.server_ns, hosts):
+        command = [sys.executable, "-m", "exporter", "summarize", str(pcap), "--server-ip", "192.0.2.1,2001:db8::1",
+                   "--resolve-names", "--resolve-rate", "100"]
+        result = pair.server(*command, "--format", "json", timeout=60)
+        table = pair.server(*command, timeout=60).stdout
+    clients = {c["ip"]: c for c in json.loads(result.stdout)["clients"]}
+    assert clients["198.51.100.7"]["hostname"] == "alpha.example.test"
+    assert clients["2001:db8::7"]["hostname"] == "six.example.test"
+    assert "hostname" not in clients[UNNAMED]
+    assert "198.51.100.7 (alpha.example.test)" in table and "2001:db8::7 (six.example.test)" in table
