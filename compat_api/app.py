@@ -25,6 +25,7 @@ from .history import ClientsView, History, SecondsView
 log = logging.getLogger(__name__)
 
 LIMIT_DEFAULT, LIMIT_MAX = 10, 1000
+ClientFactsOf = Callable[[str], dict]  # client label -> known hostname, asn, as_org, country
 TRAFFIC_SECONDS_DEFAULT = 300
 PROTOCOLS_SECONDS_DEFAULT = 300
 HISTORY_SECONDS_DEFAULT = 60
@@ -47,8 +48,11 @@ LANDING_PAGE = """<!doctype html>
 
 
 def create_app(history: History, capture_status: Callable[[], CaptureStatus], servers: Callable[[], Sequence[str]],
-               cors_origins: Sequence[str] = ("*",)) -> Flask:
-    """Build the Flask app serving the REST API from ``history``, the capture's health and the server addresses now."""
+               cors_origins: Sequence[str] = ("*",), client_facts: Optional[ClientFactsOf] = None) -> Flask:
+    """Build the Flask app serving the REST API from ``history``, the capture's health and the server addresses now.
+
+    ``client_facts(client)`` gives what is known of a client (host name, AS, country) for ``/traffic``.
+    """
     app = Flask(__name__)
     app.json.sort_keys = False  # keep the documented key order
     CORS(app, origins=list(cors_origins), methods=["GET", "HEAD", "OPTIONS"])
@@ -71,7 +75,7 @@ def create_app(history: History, capture_status: Callable[[], CaptureStatus], se
     def traffic() -> Response:
         limit = int_param("limit", LIMIT_DEFAULT, LIMIT_MAX)
         seconds = int_param("seconds", min(TRAFFIC_SECONDS_DEFAULT, history_max), history_max)
-        return jsonify(traffic_body(history.clients_window(seconds), labels, limit))
+        return jsonify(traffic_body(history.clients_window(seconds), labels, limit, client_facts))
 
     @app.get("/protocols")
     def protocols() -> Response:
@@ -166,14 +170,19 @@ def index_body(status: CaptureStatus, servers: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def traffic_body(view: ClientsView, labels: Sequence[str], limit: int) -> dict[str, Any]:
-    """``GET /traffic``: bytes per client over the window, biggest first."""
+def traffic_body(view: ClientsView, labels: Sequence[str], limit: int,
+                 client_facts: Optional[ClientFactsOf] = None) -> dict[str, Any]:
+    """``GET /traffic``: bytes per client over the window, biggest first (with what is known of them)."""
     clients = [client_entry(client, counts, labels) for client, counts in zip(view.clients, view.counts)]
     if view.health is not None:
         for entry, health in zip(clients, view.health):
             entry.update(tcp_health_entry(health))
     clients.sort(key=lambda entry: (-entry["total"], entry["ip"]))
-    return {"window": view.seconds, "clients": clients[:limit], "generated_at": time.time()}
+    clients = clients[:limit]
+    if client_facts is not None:
+        for entry in clients:
+            entry.update(client_facts(entry["ip"]))
+    return {"window": view.seconds, "clients": clients, "generated_at": time.time()}
 
 
 def client_entry(client: str, counts: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from .config import Config, ConfigError, serve_config, summarize_config
 from .frames import SourceError
 
 PROG = "traffic-exporter"
+SUMMARIZE_NAMES_SECONDS = 30.0  # summarize --resolve-names waits this long at most for names still asked for
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -48,12 +49,24 @@ def run_summarize(config: Config) -> int:
     On a terminal, stderr shows the progress of work that takes more than a second (not with --format json).
     """
     from .progress import progress_on
-    from .startup import counting, open_source
-    from .summarize import format_json, format_table, summarize
+    from .startup import client_facts, counting, open_source
+    from .summarize import format_json, format_table, report, summarize
 
+    facts = client_facts(config)
     capturing = open_source(config)
     progress = progress_on(sys.stderr, capturing.source.size) if config.output_format == "table" else None
-    summary = summarize(capturing.source, *counting(config, capturing.servers, idle_seconds=float("inf")), progress)
+    counter, tally = counting(config, capturing.servers, idle_seconds=float("inf"), facts=facts)
+    known = facts.known if facts.geo or facts.names else None
+    if facts.names is not None:
+        facts.names.start()  # resolves while the file is counted
+    try:
+        summary = summarize(capturing.source, counter, tally, progress, None if facts.names else known)
+        if facts.names is not None:
+            facts.names.wait_idle(SUMMARIZE_NAMES_SECONDS)
+            summary = report(tally, counter.labels, counter.servers, known)
+    finally:
+        if facts.names is not None:
+            facts.names.stop()
     print(format_json(summary) if config.output_format == "json" else format_table(summary))
     return 0
 

@@ -69,6 +69,10 @@ class ClientGrouping:
         return (np.where(v4, hi, hi & self._mask_v6[0]),
                 np.where(v4, lo & self._mask_v4, lo & self._mask_v6[1]))
 
+    def regroup(self, sums: BatchCounts) -> BatchCounts:
+        """A batch's sums per client once summed per (masked) address; other groupings (``grouping.py``) merge rows."""
+        return sums
+
     def name(self, key: ClientKey) -> str:
         """The client label: the address (RFC 5952 for IPv6), or its network when grouped by prefix."""
         family, hi, lo = key
@@ -269,5 +273,6 @@ def counts_from_mapping(sums: Mapping[tuple[bytes, str, str], Sequence[int]], la
     hi, lo = (grouping or ClientGrouping()).mask(family, np.array([k[1] for k in keys], np.uint64),
                                                  np.array([k[2] for k in keys], np.uint64))
     cell = np.array([DIRECTIONS.index(d) * len(labels) + list(labels).index(p) for _, d, p in sums], np.intp)
-    sums = sum_sorting(family, hi, lo, cell, values[:, 0], values[:, 1], len(DIRECTIONS) * len(labels))
+    sums = (grouping or ClientGrouping()).regroup(
+        sum_sorting(family, hi, lo, cell, values[:, 0], values[:, 1], len(DIRECTIONS) * len(labels)))
     return sums._replace(counts=sums.counts.reshape(-1, 2, len(DIRECTIONS), len(labels)))

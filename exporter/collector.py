@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .capture import CaptureStatus
 from .classify import DIRECTIONS
+from .client_info import ClientFacts, info_families
 from .tally import RESULTS, Tally, TallySnapshot
 from .tcpflows import RTT_BUCKETS, tcp_columns
 
@@ -22,8 +23,9 @@ class TrafficCollector(Collector):
     """Every ``traffic_*`` metric of the exporter, built from one consistent snapshot per scrape."""
 
     def __init__(self, tally: Tally, capture_status: Callable[[], CaptureStatus],
-                 server_addresses: Callable[[], Sequence[str]]):
+                 server_addresses: Callable[[], Sequence[str]], facts: Optional[ClientFacts] = None):
         self.tally = tally
+        self.facts = facts
         self.capture_status = capture_status
         self.server_addresses = server_addresses
 
@@ -40,6 +42,7 @@ class TrafficCollector(Collector):
             client_packets.add_metric(key, packets)
         yield client_bytes
         yield client_packets
+        yield from info_families(snapshot.clients, self.facts)
 
         # Every (direction, protocol) pair exists from the start at 0, so increase() misses nothing.
         total_bytes = CounterMetricFamily(
@@ -170,10 +173,11 @@ def _build_info() -> GaugeMetricFamily:
 
 
 def build_registry(tally: Tally, capture_status: Callable[[], CaptureStatus],
-                   server_addresses: Callable[[], Sequence[str]]) -> CollectorRegistry:
+                   server_addresses: Callable[[], Sequence[str]], facts: Optional[ClientFacts] = None
+                   ) -> CollectorRegistry:
     """A registry with the traffic collector and prometheus-client's process, platform and GC collectors."""
     registry = CollectorRegistry()
-    registry.register(TrafficCollector(tally, capture_status, server_addresses))
+    registry.register(TrafficCollector(tally, capture_status, server_addresses, facts))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -15,6 +15,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 REPLAY_SPEEDS = ("realtime", "max")
 CAPTURE_BACKENDS = ("auto", "af_packet", "libpcap")
 OUTPUT_FORMATS = ("table", "json")
+CLIENT_BY = ("ip", "asn", "country")
 STREAM_PCAP = "-"  # --pcap - and summarize -: the capture streamed to standard input
 
 
@@ -51,6 +52,10 @@ class Config:
     web_max_connections: int = 512
     web_request_timeout: int = 10
     web_idle_timeout: int = 60
+    geoip_dbs: tuple[str, ...] = ()
+    client_by: str = "ip"
+    resolve_names: bool = False
+    resolve_rate: int = 10  # PTR queries per second at most: a flood of new clients must not flood the DNS server
     # summarize only
     output_format: str = "table"
 
@@ -110,6 +115,10 @@ def _server_ips(text: str) -> tuple[str, ...]:
         except ValueError:
             raise ValueError("expected IP addresses or CIDR networks, comma-separated") from None
     return specs
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -183,13 +192,22 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
      "close an HTTP connection after this many seconds without a request"),
     ("user", ("--user",), _user,
      "after opening the capture socket, switch to this user, keeping only CAP_NET_RAW (like tcpdump -Z)"),
+    ("geoip_db", ("--geoip-db",), _paths,
+     "MaxMind-format ASN and/or country database (GeoLite2, DB-IP); repeatable or comma-separated"),
+    ("client_by", ("--client-by",), _choice(CLIENT_BY),
+     "what a client is: its address (ip), its AS (asn) or its country (country), from --geoip-db"),
+    ("resolve_names", ("--resolve-names",), _boolean,
+     "resolve tracked clients' host names (PTR) in the background through the system resolver"),
+    ("resolve_rate", ("--resolve-rate",), _integer(1, 1000), "PTR queries per second at most (--resolve-names)"),
 ]
 SUMMARIZE_MAX_CLIENTS = 1_000_000  # offline analysis lists every client unless told otherwise
 SUMMARIZE_OPTIONS = [option for option in SERVE_OPTIONS
                      if option[0] in ("server_ip", "filter", "max_clients", "client_prefix_v4", "client_prefix_v6",
-                                      "tcp_health", "max_tcp_flows", "log_level")]
+                                      "tcp_health", "max_tcp_flows", "log_level", "geoip_db", "client_by",
+                                      "resolve_names", "resolve_rate")]
 SUMMARIZE_OPTIONS.append(("output_format", ("--format",), _choice(OUTPUT_FORMATS), "table for people, json for programs"))
-FLAGS_WITHOUT_VALUE = {"loop", "demo"}
+FLAGS_WITHOUT_VALUE = {"loop", "demo", "resolve_names"}
+REPEATABLE = {"server_ip", "geoip_db"}
 # Flags that choose what to capture; --demo decides that itself.
 DEMO_CONFLICTS = {"pcap": "--pcap", "interface": "--interface", "server_ips": "--server-ip", "user": "--user"}
 
@@ -204,8 +222,9 @@ def build_parser(options, prog: str, description: str) -> argparse.ArgumentParse
     for dest, flags, _parse, help_text in options:
         if dest in FLAGS_WITHOUT_VALUE:
             parser.add_argument(*flags, dest=dest, action="store_const", const="true", help=help_text)
-        elif dest == "server_ip":
-            parser.add_argument(*flags, dest=dest, action="append", metavar="IP[/PREFIX]", help=help_text)
+        elif dest in REPEATABLE:
+            parser.add_argument(*flags, dest=dest, action="append", metavar="IP[/PREFIX]" if dest == "server_ip"
+                                else "PATH", help=help_text)
         else:
             parser.add_argument(*flags, dest=dest, help=help_text)
     return parser
@@ -274,7 +293,7 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
     for dest, flags, parse, _help in options:
         raw = getattr(namespace, dest)
         origin = flags[0]
-        if dest == "server_ip" and raw is not None:
+        if dest in REPEATABLE and raw is not None:
             raw = ",".join(raw)
         if raw is None:
             env_name = "TRAFFIC_" + flags[0].lstrip("-").upper().replace("-", "_")
@@ -291,12 +310,24 @@ def parse_config(argv: Sequence[str], options=SERVE_OPTIONS, environ: Optional[d
             values[dest] = parse(raw)
         except ValueError as error:
             raise ConfigError(f"{origin}: {error}; got {raw!r}") from None
-    return _to_config(values)
+    return _check_grouping(_to_config(values))
+
+
+def _check_grouping(config: Config) -> Config:
+    """--client-by asn|country needs a database and replaces the prefix lengths; one line otherwise."""
+    if config.client_by != "ip":
+        if config.client_prefix_v4 != 32 or config.client_prefix_v6 != 128:
+            raise ConfigError(f"--client-prefix-v4/-v6: only apply to --client-by ip, not {config.client_by}")
+        if not config.geoip_dbs:
+            raise ConfigError(f"--client-by {config.client_by}: needs a --geoip-db with {config.client_by} data")
+    return config
 
 
 def _to_config(values: dict[str, Any]) -> Config:
     if "server_ip" in values:
         values["server_ips"] = values.pop("server_ip")
+    if "geoip_db" in values:
+        values["geoip_dbs"] = values.pop("geoip_db")
     if "listen" in values:
         values["listen_host"], values["listen_port"] = values.pop("listen")
     if "cors_origin" in values:

@@ -140,6 +140,7 @@ class FrameCounter:
         sums = sums._replace(counts=sums.counts.reshape(-1, 2, len(DIRECTIONS), len(self.labels)))
         if self.tcp_flows is not None:
             sums = self._tcp_health(batch, tcp_parts, label, (family, hi, lo), sums)
+        sums = self.grouping.regroup(sums)  # after TCP health, which sums per address row too
         ignored = {IGNORED[code]: frames for code, frames in enumerate(np.bincount(result, minlength=SLOW + 1).tolist())
                    if code in IGNORED and frames}
         slow = np.flatnonzero(result == SLOW)

@@ -19,12 +19,13 @@ from compat_api.history import History
 
 from .addresses import ServerAddresses
 from .capture import Capture
+from .client_info import ClientFacts
 from .collector import build_registry
 from .config import Config, ConfigError
 from .demo import print_demo_urls
 from .httpserver import BoundedServer, create_server
 from .persistence import PeriodicSaver, restore
-from .startup import counting, open_source
+from .startup import client_facts, counting, open_source
 from .tally import Tally
 from .webauth import BasicAuthMiddleware, load_web_config
 
@@ -36,19 +37,20 @@ def run_serve(config: Config) -> int:
     """Build, start, serve, stop; returns the exit code."""
     if config.demo:
         print_demo_urls(config.listen_host, config.listen_port, sys.stdout)
+    facts = client_facts(config)
     capturing = open_source(config)
-    counter, tally = counting(config, capturing.servers)
+    counter, tally = counting(config, capturing.servers, facts=facts)
     capture = Capture(capturing.source, tally, counter, capture_filter=config.filter)
     servers = ServerAddresses(capturing.servers, capturing.follow, on_change=counter.set_servers)
     history = History(tally, config.history_seconds)
     saver = _restore_state(config, tally, history)
-    server = _http_server(config, tally, capture, history, servers)
+    server = _http_server(config, tally, capture, history, servers, facts)
     if config.user:
         _become(config.user)
     _stop_on_signals()
     # The start-up objects (Scapy, Flask, ...) are kept for good: out of the collector's full scans.
     gc.freeze()
-    running = [capture, history, servers] + ([saver] if saver else [])
+    running = [capture, history, servers] + ([saver] if saver else []) + ([facts.names] if facts.names else [])
     for part in running:
         part.start()
     log.info("capturing %s for servers %s; serving http://%s/metrics and the REST API",
@@ -74,11 +76,11 @@ def _restore_state(config: Config, tally: Tally, history: History) -> Optional[P
 
 
 def _http_server(config: Config, tally: Tally, capture: Capture, history: History,
-                 servers: ServerAddresses) -> BoundedServer:
+                 servers: ServerAddresses, facts: ClientFacts) -> BoundedServer:
     """``/metrics`` and the REST API on one listening socket, behind basic auth when configured."""
     app: Callable = DispatcherMiddleware(
-        create_app(history, capture.status, servers.addresses, config.cors_origins),
-        {"/metrics": make_wsgi_app(build_registry(tally, capture.status, servers.addresses))})
+        create_app(history, capture.status, servers.addresses, config.cors_origins, facts.known),
+        {"/metrics": make_wsgi_app(build_registry(tally, capture.status, servers.addresses, facts))})
     if config.web_config:
         app = BasicAuthMiddleware(app, load_web_config(config.web_config))
     try:

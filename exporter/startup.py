@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 from .bpf import FilterError
 from .classify import DEFAULT_PORT_LABELS, ServerSet, protocol_labels
 from .config import Config, ConfigError
+from .client_info import ClientFacts
 from .clients import ClientGrouping
 from .engine import FrameCounter
 from .frames import Source
@@ -42,17 +43,45 @@ def open_source(config: Config) -> Capturing:
     return _open_live(config)
 
 
-def counting(config: Config, servers: ServerSet, *, idle_seconds: Optional[float] = None
-             ) -> tuple[FrameCounter, Tally]:
-    """The counting engine and the tally it feeds."""
-    grouping = ClientGrouping(config.client_prefix_v4, config.client_prefix_v6)
+def counting(config: Config, servers: ServerSet, *, idle_seconds: Optional[float] = None,
+             facts: Optional[ClientFacts] = None) -> tuple[FrameCounter, Tally]:
+    """The counting engine and the tally it feeds (the tally tells ``facts``' resolver of new clients)."""
+    grouping = facts.grouping if facts else ClientGrouping(config.client_prefix_v4, config.client_prefix_v6)
     labels = protocol_labels(DEFAULT_PORT_LABELS)
     flows = FlowTable(config.max_tcp_flows) if config.tcp_health else None
     counter = FrameCounter(servers, DEFAULT_PORT_LABELS, labels, grouping, tcp_flows=flows)
     tally = Tally(max_clients=config.max_clients, grouping=grouping, labels=labels,
                   client_idle_seconds=config.client_idle_seconds if idle_seconds is None else idle_seconds,
-                  max_tcp_flows=config.max_tcp_flows if config.tcp_health else None)
+                  max_tcp_flows=config.max_tcp_flows if config.tcp_health else None,
+                  on_admit=facts.names.submit if facts and facts.names else None)
     return counter, tally
+
+
+def client_facts(config: Config) -> ClientFacts:
+    """Open ``--geoip-db`` (one line on failure), choose the grouping, prepare the resolver (not started)."""
+    geo = None
+    if config.geoip_dbs:
+        from .geoip import GeoDatabases, GeoipError
+
+        try:
+            geo = GeoDatabases(config.geoip_dbs)
+        except GeoipError as error:
+            raise ConfigError(f"--geoip-db: {error}") from None
+    if config.client_by == "ip":
+        grouping = ClientGrouping(config.client_prefix_v4, config.client_prefix_v6)
+    else:
+        from .grouping import AttributeGrouping
+
+        if geo is None or config.client_by not in geo.kinds:
+            raise ConfigError(f"--client-by {config.client_by}: none of the --geoip-db files holds "
+                              f"{config.client_by} data")
+        grouping = AttributeGrouping(config.client_by, geo.place)
+    names = None
+    if config.resolve_names:
+        from .names import NameResolver
+
+        names = NameResolver(config.resolve_rate)
+    return ClientFacts(grouping, geo, names)
 
 
 def _servers_of_file(config: Config, source: PcapSource) -> ServerSet:

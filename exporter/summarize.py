@@ -6,7 +6,7 @@ import ipaddress
 import json
 import threading
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 from .classify import ServerSet
 from .decode import decode_frame
@@ -39,7 +39,8 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
     return str(ipaddress.ip_address(seen.most_common(1)[0][0]))
 
 
-def summarize(source: PcapSource, counter: FrameCounter, tally: Tally, progress: Optional[Progress] = None) -> dict:
+def summarize(source: PcapSource, counter: FrameCounter, tally: Tally, progress: Optional[Progress] = None,
+              client_facts: Optional[Callable[[str], dict]] = None) -> dict:
     """Count every frame of ``source`` into ``tally`` and return the summary report; show ``progress`` per batch."""
     slow = frames = 0
     try:
@@ -55,11 +56,13 @@ def summarize(source: PcapSource, counter: FrameCounter, tally: Tally, progress:
         if progress is not None:
             progress.clear()
     log.debug("slow path: %d of %d frames", slow, frames)
-    return report(tally, counter.labels, counter.servers)
+    return report(tally, counter.labels, counter.servers, client_facts)
 
 
-def report(tally: Tally, labels: tuple[str, ...], servers: ServerSet) -> dict:
-    """The summary as a JSON-ready dict: clients by total bytes, ignored frames by reason."""
+def report(tally: Tally, labels: tuple[str, ...], servers: ServerSet,
+           client_facts: Optional[Callable[[str], dict]] = None) -> dict:
+    """The summary as a JSON-ready dict: clients by total bytes (with what ``client_facts`` knows of them),
+    ignored frames by reason."""
     snapshot = tally.snapshot()
     counts = snapshot.counts  # (client, bytes | packets, direction, label)
     by_direction = counts.sum(axis=3).tolist()
@@ -73,6 +76,9 @@ def report(tally: Tally, labels: tuple[str, ...], servers: ServerSet) -> dict:
         for client in clients:
             client["tcp"] = tcp_health(health[client["ip"]], labels)
     clients.sort(key=lambda c: (-c["total"], c["ip"]))
+    if client_facts is not None:
+        for client in clients:
+            client.update(client_facts(client["ip"]))
     summary = {
         "servers": list(servers.addresses),
         "clients": clients,
@@ -124,7 +130,7 @@ def format_table(summary: dict) -> str:
     rows = [header]
     for client in summary["clients"]:
         protocols = sorted(((b, p) for p, b in client["protocols"].items() if b), reverse=True)
-        rows.append((client["ip"], human_bytes(client["bytes_in"]), human_bytes(client["bytes_out"]),
+        rows.append((client["ip"] + who(client), human_bytes(client["bytes_in"]), human_bytes(client["bytes_out"]),
                      human_bytes(client["total"]), str(client["packets_in"]), str(client["packets_out"]))
                     + (_tcp_cells(client["tcp"]) if tcp else ())
                     + (" ".join(f"{p} {human_bytes(b)}" for b, p in protocols),))
@@ -138,3 +144,13 @@ def format_table(summary: dict) -> str:
     lines.append(f"server {', '.join(summary['servers'])}: {len(summary['clients'])} clients, "
                  f"{human_bytes(summary['total_bytes'])} in {summary['packets']} frames; ignored: {ignored}")
     return "\n".join(lines)
+
+
+def who(client: dict) -> str:
+    """`` (host name, AS64496 organisation, country)`` of a client entry: the known fields not already its label."""
+    asn = f"AS{client['asn']}" if "asn" in client else ""
+    network = " ".join(part for part in (asn if asn != client["ip"] else "", client.get("as_org", "")) if part)
+    country = client.get("country", "")
+    known = ", ".join(part for part in (client.get("hostname", ""), network, country if country != client["ip"] else "")
+                      if part)
+    return f" ({known})" if known else ""

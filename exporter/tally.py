@@ -93,9 +93,11 @@ class Tally:
     def __init__(self, *, max_clients: int = DEFAULT_MAX_CLIENTS, client_idle_seconds: float = DEFAULT_CLIENT_IDLE_SECONDS,
                  grouping: Optional[ClientGrouping] = None,
                  labels: Sequence[str] = protocol_labels(DEFAULT_PORT_LABELS),
-                 clock: Callable[[], float] = time.monotonic, max_tcp_flows: Optional[int] = None):
+                 clock: Callable[[], float] = time.monotonic, max_tcp_flows: Optional[int] = None,
+                 on_admit: Optional[Callable[[str], None]] = None):
         self.max_clients = max_clients
         self.max_tcp_flows = max_tcp_flows  # None: TCP health off
+        self.on_admit = on_admit  # told each newly tracked client's label, under the lock: must not block
         self.client_idle_seconds = client_idle_seconds
         self.grouping = grouping or ClientGrouping()
         self.labels = tuple(labels)
@@ -156,6 +158,8 @@ class Tally:
         self._keys[slot] = key
         self._names[slot] = self.grouping.name(key)
         self._last_seen[slot] = now
+        if self.on_admit is not None:
+            self.on_admit(self._names[slot])
         return slot
 
     def _grow(self) -> None:
@@ -332,7 +336,7 @@ class Tally:
             idle = saved["idle_seconds"]
             if type(idle) not in (int, float) or not 0 <= idle < 1e10:
                 raise ValueError(f"bad idle time {idle!r}")
-            if not isinstance(name, str) or ":" not in name and "." not in name:
+            if not isinstance(name, str) or ":" not in name and "." not in name and self.grouping.key(name) is None:
                 raise ValueError(f"bad client {name!r}")
             restored.append((idle, name, self._cells(saved["counters"])))
         restored.sort(key=lambda item: item[0])

@@ -452,3 +452,38 @@ def test_tcp_health_of_a_client_evicted_within_the_second_reaches_the_history(tm
              make_client(history, servers=("10.0.0.1",)).get("/traffic").get_json()["clients"]}
     assert found["10.0.0.2"]["retransmission_ratio"] == pytest.approx(1 / 8)
     assert found["fd00::3"]["handshake_rtt_p50_seconds"] == pytest.approx(0.75)
+
+
+# --- who the clients are (--geoip-db, --resolve-names) ----------------------------------------------
+
+def facts_of(known: dict):
+    return lambda client: dict(known.get(client, {}))
+
+
+KNOWN = {"198.51.100.10": {"hostname": "web.example", "asn": 64496, "as_org": "Example Transit", "country": "DE"},
+         "198.51.100.20": {"country": "FR"}}
+
+
+def test_traffic_entries_carry_what_is_known_of_their_clients_and_only_that(tally):
+    history = build_history(tally)
+    body = create_app(history, lambda: CaptureStatus("pcap", "x.pcap"), lambda: (SERVER,),
+                      client_facts=facts_of(KNOWN)).test_client().get("/traffic").get_json()
+    by_ip = {entry["ip"]: entry for entry in body["clients"]}
+    assert list(by_ip["198.51.100.10"]) == ["ip", "bytes_in", "bytes_out", "total", "protocols", "hostname", "asn",
+                                            "as_org", "country"]
+    assert {key: by_ip["198.51.100.10"][key] for key in KNOWN["198.51.100.10"]} == KNOWN["198.51.100.10"]
+    assert list(by_ip["198.51.100.20"])[5:] == ["country"] and by_ip["198.51.100.20"]["country"] == "FR"
+    assert list(by_ip["198.51.100.30"]) == ["ip", "bytes_in", "bytes_out", "total", "protocols"]  # the legacy shape
+    assert by_ip["198.51.100.10"]["total"] == SIZE["http"] + SIZE["https"]  # counts unchanged
+
+
+def test_traffic_with_client_facts_matches_the_openapi_schema(tally, openapi_components):
+    client = create_app(build_history(tally), lambda: CaptureStatus("pcap", "x.pcap"), lambda: (SERVER,),
+                        client_facts=facts_of(KNOWN)).test_client()
+    validator = OAS30Validator({"$ref": "#/components/schemas/Traffic", "components": openapi_components})
+    validator.validate(client.get("/traffic").get_json())
+    bad = {"198.51.100.10": {"country": "Germany"}}
+    wrong = create_app(build_history(Tally()), lambda: CaptureStatus("pcap", "x.pcap"), lambda: (SERVER,),
+                       client_facts=facts_of(bad)).test_client().get("/traffic").get_json()
+    with pytest.raises(Exception):  # the schema holds the fields to their documented shapes
+        validator.validate(wrong)

@@ -80,3 +80,28 @@ def test_tcp_health_is_on_with_100000_flows_by_default_and_set_by_flag_or_enviro
     assert (config.tcp_health, config.max_tcp_flows) == (True, 100_000)
     config = parse_config(["--tcp-health", "off"], environ={"TRAFFIC_MAX_TCP_FLOWS": "5000", "TRAFFIC_TCP_HEALTH": "on"})
     assert (config.tcp_health, config.max_tcp_flows) == (False, 5000)
+
+
+def test_client_by_geoip_db_and_resolver_flags_from_flags_or_environment():
+    config = parse_config(["--geoip-db", "/a.mmdb", "--geoip-db", "/b.mmdb", "--client-by", "ASN",
+                           "--resolve-names", "--resolve-rate", "5"], environ={})
+    assert (config.geoip_dbs, config.client_by, config.resolve_names, config.resolve_rate) == (
+        ("/a.mmdb", "/b.mmdb"), "asn", True, 5)
+    config = parse_config([], environ={"TRAFFIC_GEOIP_DB": "/a.mmdb,/b.mmdb", "TRAFFIC_CLIENT_BY": "country",
+                                       "TRAFFIC_RESOLVE_NAMES": "true"})
+    assert (config.geoip_dbs, config.client_by, config.resolve_names, config.resolve_rate) == (
+        ("/a.mmdb", "/b.mmdb"), "country", True, 10)
+    assert (Config().client_by, Config().resolve_names, Config().geoip_dbs) == ("ip", False, ())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--client-by", "asn", "--geoip-db", "/a", "--client-prefix-v4", "24"], "--client-prefix-v4/-v6: only apply"),
+    (["--client-by", "country", "--geoip-db", "/a", "--client-prefix-v6", "48"], "--client-prefix-v4/-v6: only apply"),
+    (["--client-by", "asn"], "--client-by asn: needs a --geoip-db"),
+    (["--client-by", "network"], "--client-by: expected one of ip, asn, country"),
+    (["--resolve-rate", "0"], "--resolve-rate: expected an integer from 1 to 1000"),
+])
+def test_client_by_refuses_what_does_not_go_together(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(argv, environ={})
+    assert str(error.value).startswith(message)

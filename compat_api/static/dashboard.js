@@ -130,6 +130,15 @@
     return `${(ratio * 100).toFixed(1)}%`;
   }
 
+  /** "host.example · AS64496 Example Net · DE": what the server knows of a client (--resolve-names, --geoip-db).
+   * Host names are whatever the reverse zone says: shown as text only, never as markup. */
+  function clientFacts(client) {
+    const network = [client.asn !== undefined ? `AS${client.asn}` : "", client.as_org || ""]
+      .filter((part) => part && part !== client.ip).join(" ");
+    return [client.hostname || "", network, client.country || ""]
+      .filter((part) => part && part !== client.ip).join(" \u00b7 ");
+  }
+
   function renderClients(traffic) {
     $("clients-window").textContent = windowText(traffic.window);
     const body = document.querySelector("#clients tbody");
@@ -139,7 +148,9 @@
       if (!client.total) continue;
       const row = element("tr");
       const name = element("td", "client mono", client.ip);
-      name.title = client.ip;
+      const facts = clientFacts(client);
+      if (facts) name.append(element("div", "client-facts", facts));
+      name.title = facts ? `${client.ip} (${facts})` : client.ip;
       const [mostly, bytes] = Object.entries(client.protocols).reduce((a, b) => (b[1] > a[1] ? b : a));
       const share = element("td", "share");
       share.append(inOutBar(client.bytes_in, client.bytes_out, top));

@@ -219,3 +219,41 @@ def test_fifty_concurrent_clients_during_replay(tmp_path):
     assert results["errors"] == 0, results["samples"][:5]
     assert results["requests"] >= LOAD_THREADS * len(ENDPOINTS)
     assert results["running"] > 0, "the replay was over before the load began"
+
+
+@pytest.mark.parametrize("client_by", ["ip", "country"])
+def test_traffic_with_databases_matches_the_schema_and_the_databases(tmp_path, client_by):
+    """With --geoip-db, /traffic entries carry asn/as_org/country as maxminddb reads them, in the documented shape."""
+    import maxminddb
+    from openapi_schema_validator import OAS30Validator
+
+    from tests.geoip_databases import write_database
+
+    asn = write_database(tmp_path / "asn.mmdb", {
+        "10.0.0.0/8": {"autonomous_system_number": 64496, "autonomous_system_organization": "Ten Net"},
+        "10.2.0.0/16": {"autonomous_system_number": 64497}}, "GeoLite2-ASN")
+    country = write_database(tmp_path / "country.mmdb", {"10.0.0.0/9": {"country": {"iso_code": "DE"}},
+                                                        "10.1.0.0/16": {"country": {"iso_code": "FR"}}},
+                             "GeoLite2-Country")
+    args = ["--pcap", str(CONTRACT_PCAP), "--server-ip", CONTRACT_SERVER, "--log-level", "warning",
+            "--geoip-db", f"{asn},{country}", "--client-by", client_by]
+    with running_exporter(args, cwd=ROOT, ready_timeout=START_TIMEOUT) as (base, _process):
+        wait_for_replay_in_history(base)
+        traffic = get_json(base, "/traffic?limit=1000")
+        components = get_json(base, "/openapi.json")["components"]
+    OAS30Validator({"$ref": "#/components/schemas/Traffic", "components": components}).validate(traffic)
+    assert sum(client["total"] for client in traffic["clients"]) == expected_summary(CONTRACT_PCAP.name)["total_bytes"]
+    if client_by == "country":  # both clients (10.1.1.2, 10.1.2.2) are in 10.1.0.0/16
+        assert [entry["ip"] for entry in traffic["clients"]] == ["FR"]
+    else:
+        assert {entry["ip"]: entry.get("country") for entry in traffic["clients"]} == {"10.1.1.2": "FR",
+                                                                                     "10.1.2.2": "FR"}
+    readers = maxminddb.open_database(str(asn)), maxminddb.open_database(str(country))
+    for entry in traffic["clients"]:
+        if client_by == "country":
+            assert set(entry) - {"ip", "bytes_in", "bytes_out", "total", "protocols"} <= {"country"}
+            continue
+        asn_record, country_record = (reader.get(entry["ip"]) or {} for reader in readers)
+        assert entry.get("asn") == asn_record.get("autonomous_system_number")
+        assert entry.get("as_org") == asn_record.get("autonomous_system_organization")
+        assert entry.get("country") == country_record.get("country", {}).get("iso_code")

@@ -206,3 +206,57 @@ def test_dashboard_shows_an_error_banner_while_the_api_is_unreachable(browser, d
     finally:
         browser.execute_cdp_cmd("Network.emulateNetworkConditions", {**offline, "offline": False})
         browser.get_log("browser")  # the failed requests logged errors on purpose
+
+
+# --- who the clients are: the demo with an ASN and a country database ---------------------------
+
+HOSTILE_ORG = '<img src=x onerror="window.pwned=1">Evil & Co'
+
+
+@pytest.fixture(scope="module")
+def geoip_exporter():
+    """The demo with --geoip-db (files readable by nobody); 198.51.100.0/28's organisation is markup."""
+    import tempfile
+
+    from tests.geoip_databases import ASN_RECORDS, COUNTRY_RECORDS, write_database
+
+    directory = Path(tempfile.mkdtemp(prefix="te-geoip-"))
+    try:
+        directory.chmod(0o755)
+        records = {**ASN_RECORDS, "198.51.100.0/28": {"autonomous_system_number": 64511,
+                                                      "autonomous_system_organization": HOSTILE_ORG}}
+        databases = [write_database(directory / "asn.mmdb", records, "GeoLite2-ASN"),
+                     write_database(directory / "country.mmdb", COUNTRY_RECORDS, "GeoLite2-Country")]
+        for path in databases:
+            path.chmod(0o644)
+        wrapper = unprivileged_wrapper() if os.geteuid() == 0 else []
+        with running_exporter(["--demo", "--geoip-db", ",".join(map(str, databases))], command=wrapper,
+                              cwd=REPO_ROOT) as (base, _process):
+            yield base
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_dashboard_shows_what_the_databases_say_of_each_client_as_text(geoip_exporter, browser):
+    browser.get(geoip_exporter + "/dashboard")
+
+    def rows():  # read in one script: the table is re-rendered every poll
+        return dict(browser.execute_script("""
+            return [...document.querySelectorAll("#clients tbody td.client")].map((cell) => {
+              const facts = cell.querySelector(".client-facts");
+              return [cell.firstChild.textContent, facts ? facts.textContent : ""];
+            });"""))
+
+    shown = wait_for(lambda: (found := rows()) and "198.51.100.7" in found and found, "clients with their AS")
+    reported = {c["ip"]: c for c in json.loads(get(geoip_exporter + "/traffic?limit=10"))["clients"]}
+    for ip, facts in shown.items():
+        entry = reported.get(ip)
+        if entry is None:  # the table and /traffic were read a poll apart
+            continue
+        expected = " · ".join(part for part in (
+            " ".join(str(p) for p in (f"AS{entry['asn']}" if "asn" in entry else "", entry.get("as_org", "")) if p),
+            entry.get("country", "")) if part)
+        assert facts == expected, ip
+    assert shown["198.51.100.7"] == f"AS64511 {HOSTILE_ORG} · DE"  # the markup shown as text
+    assert browser.find_elements(By.CSS_SELECTOR, "#clients img") == []
+    assert browser.execute_script("return window.pwned === undefined")
