@@ -119,3 +119,26 @@ def test_summarize_prints_what_the_databases_say_in_the_table_and_the_json(cover
     assert "country" not in clients["131.151.1.146"] and "hostname" not in clients["131.151.1.146"]
     by_country = summarize(CORPUS_PCAPS / "afs.pcap", *databases, "--client-by", "country").stdout.splitlines()
     assert [line.split()[0] for line in by_country[1:3]] == ["unknown", "JP"] and "(JP)" not in by_country[2]
+
+
+TCP_FIGURES = (("handshakes", None), ("segments", "in"), ("segments", "out"), ("retransmitted", "in"),
+               ("retransmitted", "out"), ("resets", "in"), ("resets", "out"))
+
+
+def tcp_figures(health: dict) -> list[int]:
+    return [health[name] if direction is None else health[name][direction] for name, direction in TCP_FIGURES]
+
+
+@pytest.mark.parametrize("by", ["asn", "country"])
+@pytest.mark.parametrize("name", ["ssh.pcap", "dns_tcp.pcap", "mptcp-v0.pcap", "mptcp-v1.pcap"])
+def test_tcp_health_by_key_equals_the_ip_run_summed_by_the_database(cover_databases, by, name):
+    by_ip = summary(CORPUS_PCAPS / name)
+    by_key = summary(CORPUS_PCAPS / name, "--geoip-db", cover_databases[0], "--geoip-db", cover_databases[1],
+                     "--client-by", by)
+    expected: dict = {}
+    for client in by_ip["clients"]:
+        total = expected.setdefault(key_of(by, client["ip"]), [0] * len(TCP_FIGURES))
+        expected[key_of(by, client["ip"])] = [a + b for a, b in zip(total, tcp_figures(client["tcp"]))]
+    assert {client["ip"]: tcp_figures(client["tcp"]) for client in by_key["clients"]} == expected
+    assert by_key["tcp"] == by_ip["tcp"]
+    assert sum(figures[0] + figures[1] for figures in expected.values()) > 0  # the file has TCP to compare
