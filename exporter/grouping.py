@@ -58,10 +58,15 @@ class AttributeGrouping(ClientGrouping):
         order = np.argsort(first)
         rank = np.empty(len(keys), np.intp)
         rank[order] = np.arange(len(keys))
+        row = rank[inverse.reshape(-1)]
         counts = np.zeros((len(keys), *sums.counts.shape[1:]), np.int64)
-        np.add.at(counts, rank[inverse.reshape(-1)], sums.counts)
+        np.add.at(counts, row, sums.counts)
+        tcp = sums.tcp
+        if tcp is not None:  # TCP health sums per address row: per key alike
+            tcp = np.zeros((len(keys), sums.tcp.shape[1]), np.int64)
+            np.add.at(tcp, row, sums.tcp)
         return sums._replace(family=np.full(len(keys), self._family, np.uint8), hi=np.zeros(len(keys), np.uint64),
-                             lo=keys[order], counts=counts)
+                             lo=keys[order], counts=counts, tcp=tcp)
 
     def _look_up(self, address: ClientKey) -> int:
         family, hi, lo = address
