@@ -261,7 +261,8 @@ class ForwardedPair(NamespacePair):
             run(["ip", "netns", "exec", self.middle_ns, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1"])
         super().create()
 
-    def create_link(self) -> None:
+    def add_links(self) -> None:
+        """Two veth pairs, each end to the middle namespace; offloads off, the middle ends promiscuous."""
         links = ((self.client_ns, self.client_link, self.middle_client_link),
                  (self.server_ns, self.server_link, self.middle_server_link))
         for namespace, end, middle in links:
@@ -271,21 +272,6 @@ class ForwardedPair(NamespacePair):
             self.offloads[middle] = json.loads(_in_namespace(self.middle_ns, "offloads-off", middle))
             # Frames between the ends are addressed to the other end's MAC: accept them anyway.
             run(["ip", "-n", self.middle_ns, "link", "set", middle, "promisc", "on", "up"])
-        ends = ((self.server_ns, self.server_link, self.server_v4, self.server_v6),
-                (self.client_ns, self.client_link, self.client_v4, self.client_v6))
-        for namespace, link, v4, v6 in ends:
-            run(["ip", "-n", namespace, "addr", "add", f"{v4}/24", "dev", link])
-            run(["ip", "-n", namespace, "addr", "add", f"{v6}/64", "dev", link, "nodad"])
-            run(["ip", "-n", namespace, "link", "set", link, "up"])
-        self.server_mac = self._mac(self.server_ns, self.server_link)
-        self.client_mac = self._mac(self.client_ns, self.client_link)
-        for namespace, link, peer_v4, peer_v6, peer_mac in (
-                (self.server_ns, self.server_link, self.client_v4, self.client_v6, self.client_mac),
-                (self.client_ns, self.client_link, self.server_v4, self.server_v6, self.server_mac)):
-            for address in (peer_v4, peer_v6):
-                run(["ip", "-n", namespace, "neigh", "replace", address, "lladdr", peer_mac, "dev", link,
-                     "nud", "permanent"])
-        self._wait_carrier()
 
     def delete_link(self) -> None:
         run(["ip", "-n", self.server_ns, "link", "del", self.server_link])

@@ -108,8 +108,16 @@ class NamespacePair:
 
     def create_link(self) -> None:
         """Create (or re-create, after ``delete_link``) the veth pair with the same names and addresses."""
+        self.add_links()
+        self.address_ends()
+
+    def add_links(self) -> None:
+        """The link between the two ends: one veth pair."""
         run(["ip", "link", "add", "name", self.server_link, "netns", self.server_ns, "type", "veth",
              "peer", "name", self.client_link, "netns", self.client_ns])
+
+    def address_ends(self) -> None:
+        """Addresses on both ends, each end's neighbour entry for the other, and carrier up."""
         ends = ((self.server_ns, self.server_link, self.server_v4, self.server_v6),
                 (self.client_ns, self.client_link, self.client_v4, self.client_v6))
         for namespace, link, v4, v6 in ends:
