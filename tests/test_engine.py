@@ -251,18 +251,17 @@ def tcp_capture(tmp_path_factory):
     return path, build(path)
 
 
+def rounded(health: dict) -> dict:
+    """Per-client TCP health with the round-trip sum to the microsecond (frame times are float seconds)."""
+    return {client: {**figures, "rtt_sum": round(figures["rtt_sum"], 6)} for client, figures in health.items()}
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("batch_frames", [None, 1, 3], ids=["one-batch", "frame-by-frame", "three-a-batch"])
 def test_tcp_health_per_client_equals_the_ground_truth(tcp_capture, native, batch_frames):
     path, expected = tcp_capture
     counted, counter = counted_with_tcp_health(path, native, batch_frames)
-    found = tcp_health_by_client(counted)
-    for client in found.values():
-        client["rtt_sum"] = round(client["rtt_sum"], 6)
-    truth = expected_health(expected)
-    for client in truth.values():
-        client["rtt_sum"] = round(client["rtt_sum"], 6)
-    assert found == truth
+    assert rounded(tcp_health_by_client(counted)) == rounded(expected_health(expected))
     assert counter.tcp_flows.flows == 5 and counter.tcp_flows.evictions == 0
 
 
@@ -336,10 +335,4 @@ def test_tcp_health_is_the_same_from_pcapng_and_nanosecond_pcap(tcp_capture, tmp
     converted = tmp_path / f"tcp.{form}"
     options = ["-F", "pcapng"] if form == "pcapng" else ["-F", "nsecpcap"]
     subprocess.run(["editcap", *options, str(path), str(converted)], check=True, capture_output=True)
-    found = tcp_health_by_client(counted_with_tcp_health(converted)[0])
-    for client in found.values():
-        client["rtt_sum"] = round(client["rtt_sum"], 6)
-    truth = expected_health(expected)
-    for client in truth.values():
-        client["rtt_sum"] = round(client["rtt_sum"], 6)
-    assert found == truth
+    assert rounded(tcp_health_by_client(counted_with_tcp_health(converted)[0])) == rounded(expected_health(expected))
