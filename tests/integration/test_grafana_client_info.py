@@ -6,19 +6,17 @@ The by-country and by-AS panels must equal the per-client rates summed by the da
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.parse
 
 import pytest
 
-from bench.generate import SERVER_V4, SERVER_V6, write_pcap
-from testkit.process import free_port, get, running_exporter, terminate
+from bench.generate import SERVER_V4, SERVER_V6
+from testkit.process import get, running_exporter
 from tests.dashboard_queries import substitute_variables
 from tests.geoip_databases import true_record, write_database
-from tests.integration.test_prometheus_dashboard import (DASHBOARD, DEADLINE_SECONDS, PCAP_CLIENTS, PCAP_FRAMES,
-                                                         REPLAY_FRAMES_PER_SECOND, wait_for_data,
-                                                         write_prometheus_config)
+from tests.integration.test_prometheus_dashboard import (DASHBOARD, PCAP_CLIENTS, scraping_prometheus,
+                                                         write_replay_pcap)
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +42,7 @@ def panel_exprs() -> dict[str, str]:
 
 def test_country_and_as_panels_equal_client_rates_summed_by_the_database(tmp_path):
     pcap = tmp_path / "traffic.pcap"
-    write_pcap(str(pcap), PCAP_FRAMES, clients=PCAP_CLIENTS, seed=1, frames_per_second=REPLAY_FRAMES_PER_SECOND)
+    write_replay_pcap(pcap)  # the dashboard test's replay: every recording rule, TCP health's too, gets data
     dbs = f"{write_database(tmp_path / 'asn.mmdb', ASNS, 'GeoLite2-ASN')}," \
           f"{write_database(tmp_path / 'country.mmdb', COUNTRIES, 'GeoLite2-Country')}"
     args = ["--pcap", str(pcap), "--server-ip", SERVER_V4, "--server-ip", SERVER_V6, "--loop",
@@ -52,18 +50,7 @@ def test_country_and_as_panels_equal_client_rates_summed_by_the_database(tmp_pat
     exprs = panel_exprs()
     assert set(exprs) == set(PANELS)
     with running_exporter(args) as (exporter_url, _exporter):
-        config_path = tmp_path / "prometheus.yml"
-        write_prometheus_config(config_path, urllib.parse.urlsplit(exporter_url).netloc)
-        prometheus_url = f"http://127.0.0.1:{free_port()}"
-        log_path = tmp_path / "prometheus.log"
-        with open(log_path, "wb") as log:
-            prometheus = subprocess.Popen(
-                ["prometheus", f"--config.file={config_path}",
-                 f"--web.listen-address={urllib.parse.urlsplit(prometheus_url).netloc}",
-                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--log.level=warn"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_data(prometheus_url, prometheus, log_path, time.monotonic() + DEADLINE_SECONDS)
+        with scraping_prometheus(tmp_path, exporter_url) as prometheus_url:
             deadline = time.monotonic() + 15
             while True:  # one instant at which the rule has been evaluated for every client
                 at = time.time()
@@ -74,8 +61,6 @@ def test_country_and_as_panels_equal_client_rates_summed_by_the_database(tmp_pat
                     break
                 time.sleep(0.5)
             panels = {title: query(prometheus_url, expr, at) for title, expr in exprs.items()}
-        finally:
-            terminate(prometheus)
     assert len(per_client) > PCAP_CLIENTS // 2
     by_country: dict[str, float] = {}
     by_as: dict[tuple[str, str], float] = {}

@@ -7,6 +7,7 @@ own per-target series (up, scrape_duration_seconds) all exist when the panels ar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -139,6 +141,26 @@ def write_prometheus_config(path: Path, exporter_address: str) -> None:
     path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is YAML
 
 
+@contextlib.contextmanager
+def scraping_prometheus(tmp_path: Path, exporter_url: str) -> Iterator[str]:
+    """A real Prometheus scraping the exporter at ``exporter_url``, with data in it: its URL; stopped after."""
+    config_path = tmp_path / "prometheus.yml"
+    write_prometheus_config(config_path, urllib.parse.urlsplit(exporter_url).netloc)
+    prometheus_url = f"http://127.0.0.1:{free_port()}"
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "wb") as log:
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={config_path}",
+             f"--web.listen-address={urllib.parse.urlsplit(prometheus_url).netloc}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--log.level=warn"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_data(prometheus_url, prometheus, log_path, time.monotonic() + DEADLINE_SECONDS)
+        yield prometheus_url
+    finally:
+        terminate(prometheus)
+
+
 def wait_for_data(prometheus_url: str, prometheus: subprocess.Popen, log_path: Path, deadline: float) -> None:
     """Poll until every READY_QUERIES expression has a result; fail with the ones that still have none."""
     while True:
@@ -191,19 +213,8 @@ def test_every_dashboard_panel_query_returns_data_from_real_prometheus(tmp_path)
     exporter_args = ["--pcap", str(pcap), "--server-ip", SERVER_V4, "--server-ip", SERVER_V6,
                      "--loop", "--replay-speed", "realtime", "--log-level", "warning"]
     with running_exporter(exporter_args) as (exporter_url, _exporter):
-        config_path = tmp_path / "prometheus.yml"
-        write_prometheus_config(config_path, urllib.parse.urlsplit(exporter_url).netloc)
-        prometheus_url = f"http://127.0.0.1:{free_port()}"
-        log_path = tmp_path / "prometheus.log"
-        with open(log_path, "wb") as log:
-            prometheus = subprocess.Popen(
-                ["prometheus", f"--config.file={config_path}",
-                 f"--web.listen-address={urllib.parse.urlsplit(prometheus_url).netloc}",
-                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--log.level=warn"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
+        with scraping_prometheus(tmp_path, exporter_url) as prometheus_url:
             deadline = time.monotonic() + DEADLINE_SECONDS
-            wait_for_data(prometheus_url, prometheus, log_path, deadline)
             # Re-evaluated until the deadline: one slow scrape makes the raw series stale until the next.
             while True:
                 failures, errors = failing_panel_queries(prometheus_url, queries)
@@ -220,5 +231,3 @@ def test_every_dashboard_panel_query_returns_data_from_real_prometheus(tmp_path)
             assert capture_up["status"] == "success", capture_up
             assert [float(series["value"][1]) for series in capture_up["data"]["result"]] == [1.0], \
                 (capture_up, target_health(prometheus_url))
-        finally:
-            terminate(prometheus)
