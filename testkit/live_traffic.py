@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,27 @@ def wait_for_line(process: subprocess.Popen, stream, needle: str, timeout: float
         elif process.poll() is not None:
             break
     raise AssertionError(f"did not see {needle!r} within {timeout} s (exit {process.poll()}): {''.join(seen)}")
+
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not name it
+
+
+@contextlib.contextmanager
+def shared_frame_timestamps() -> Iterator[None]:
+    """While held, every packet socket (the exporter's, tcpdump's) sees the kernel's one timestamp of a frame.
+
+    Unless some socket asked for receive timestamps, the kernel stamps no frame and each packet
+    socket reads the clock itself when the frame reaches it: two captures of one frame then differ
+    by scheduling jitter, tens of microseconds under load, which round-trip comparisons cannot
+    tell from an error. One socket with SO_TIMESTAMPNS makes the kernel stamp each frame once.
+    """
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        time.sleep(0.1)  # the kernel switches stamping on from a work item
+        yield
+    finally:
+        holder.close()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import ipaddress
 import pytest
 
 from testkit.live_traffic import (NamespacedExporter, Tcpdump, generate_traffic, inject_vlan_frames,
-                                            running_servers)
+                                  running_servers, shared_frame_timestamps)
 from testkit.netns import namespace_pair, netns_unavailable_reason
 
 pytestmark = [pytest.mark.integration,
@@ -66,7 +66,7 @@ def run_scenario(directory, backend: str, interface: str = "", bpf_filter: str =
     from scapy.all import rdpcap  # registers every layer, Ethernet and SLL included, for the dissection
 
     (directory / "big.bin").write_bytes(bytes(range(256)) * (DOWNLOAD_BYTES // 256))
-    with namespace_pair() as pair, running_servers(pair, directory):
+    with shared_frame_timestamps(), namespace_pair() as pair, running_servers(pair, directory):
         interface = interface or pair.server_link
         args = ["--interface", interface, "--capture-backend", backend] + (["--filter", bpf_filter] if bpf_filter else [])
         exporter = NamespacedExporter(pair, args)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from testkit.forwarder import forwarded_pair, forwarding
-from testkit.live_traffic import NamespacedExporter, Tcpdump, running_servers
+from testkit.live_traffic import NamespacedExporter, Tcpdump, running_servers, shared_frame_timestamps
 from testkit.netns import netns_unavailable_reason
 from testkit.process import get, running_exporter
 
@@ -215,7 +215,7 @@ def live(tmp_path_factory) -> dict:
     directory = tmp_path_factory.mktemp("tcp-health")
     (directory / "file.bin").write_bytes(random.Random(2).randbytes(DOWNLOAD_BYTES))
     capture = directory / "server.pcap"
-    with forwarded_pair() as pair, running_servers(pair, directory), \
+    with shared_frame_timestamps(), forwarded_pair() as pair, running_servers(pair, directory), \
             forwarding(pair, delay=DELAY, drop_out=DROP_OUT, drop_in=DROP_IN) as forwarder:
         exporter = NamespacedExporter(pair, ["--interface", pair.server_link])
         try:
@@ -274,7 +274,7 @@ def test_handshake_rtt_histograms_equal_the_capture_and_last_two_one_way_delays(
         assert all(2 * DELAY <= rtt < 2 * DELAY + SLACK for rtt in values), (client, values)
         assert exporter["buckets"][client] == cumulative_buckets(values), client
         assert exporter["rtt_count"][client] == len(values)
-        # The ring's and tcpdump's (nanosecond) timestamps are the kernel's same stamp.
+        # The ring's and tcpdump's (nanosecond) timestamps are the kernel's same stamp (shared_frame_timestamps).
         assert exporter["rtt_sum"][client] == pytest.approx(sum(values), abs=1e-6 * len(values))
 
 
