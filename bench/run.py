@@ -67,9 +67,9 @@ def timed(argv: list[str], repeat: int) -> float:
     return statistics.median(times)
 
 
-def summarize_times(one_frame: Path, pcap: Path, repeat: int) -> tuple[float, float]:
+def summarize_times(one_frame: Path, pcap: Path, repeat: int, flags: Sequence[str] = ()) -> tuple[float, float]:
     """(start-up, whole run) of `summarize`, in seconds: the median runs on one frame and on ``pcap``."""
-    command = [*SUMMARIZE, "--log-level", "warning"]
+    command = [*SUMMARIZE, "--log-level", "warning", *flags]
     return timed([*command, str(one_frame)], repeat), timed([*command, str(pcap)], repeat)
 
 
@@ -99,9 +99,13 @@ def offline_worst_case(pcap: Path, frames: int, work: Path, repeat: int) -> list
     one = work / "one-worst-case.pcap"
     write_worst_case_pcap(str(one), 1)
     startup, total = summarize_times(one, pcap, repeat)
+    startup_off, total_off = summarize_times(one, pcap, repeat, ["--tcp-health", "off"])
     rows = ["| measure | value |", "|---|---|",
             f"| `summarize`, {frames:,} worst-case frames (start-up {startup:.2f} s subtracted, median of {repeat}) "
-            f"| {frames / (total - startup):,.0f} frames/s |"]
+            f"| {frames / (total - startup):,.0f} frames/s |",
+            f"| the same with `--tcp-health off` (start-up {startup_off:.2f} s subtracted) "
+            f"| {frames / (total_off - startup_off):,.0f} frames/s (TCP health costs "
+            f"{(total - startup) / (total_off - startup_off):.2f}x the time) |"]
     if shutil.which("tcpdump") is None:
         return rows + ["| `tcpdump -r FILE -w /dev/null` | skipped: tcpdump is not installed |"]
     reference = timed(["tcpdump", "-r", str(pcap), "-w", "/dev/null"], repeat)
@@ -232,13 +236,13 @@ def live_exporter(pair, *flags: str):
 
 
 def replays_at_rates(pcap: Path, rates: Sequence[str], repeat: int,
-                     backend: str = "af_packet") -> dict[str, list[tuple[int, float, float]]]:
-    """``repeat`` replay_cpu runs per rate, one exporter for all, each replay once the previous is counted."""
+                     flags: Sequence[str] = ()) -> dict[str, list[tuple[int, float, float]]]:
+    """``repeat`` replay_cpu runs per rate, one exporter (with ``flags``) for all, each once the previous is counted."""
     from testkit.netns import namespace_pair
 
     runs: dict[str, list[tuple[int, float, float]]] = {rate: [] for rate in rates}
     with namespace_pair() as pair:
-        exporter = live_exporter(pair, "--log-level", "warning", "--capture-backend", backend)
+        exporter = live_exporter(pair, "--log-level", "warning", *flags)
         try:
             for rate in rates:
                 for _ in range(repeat):
@@ -258,13 +262,17 @@ def cpu_share(pcap: Path, frames: int, rate: str, repeat: int) -> list[str]:
             f"{frames:,} frames: {each}) | **{statistics.median(shares):.0%}** (target <= 25%) |"]
 
 
-def cpu_per_frame(pcap: Path, frames: int, rates: Sequence[str], repeat: int,
-                  backends: Sequence[str] = ("af_packet", "libpcap")) -> list[str]:
-    """Exporter CPU per frame and share of one core at fixed rates, per capture backend: medians of ``repeat``."""
+# Exporters the live CPU-per-frame rows compare: name -> flags
+LIVE_VARIANTS = {"af_packet": [], "af_packet, --tcp-health off": ["--tcp-health", "off"],
+                 "libpcap": ["--capture-backend", "libpcap"]}
+
+
+def cpu_per_frame(pcap: Path, frames: int, rates: Sequence[str], repeat: int) -> list[str]:
+    """Exporter CPU per frame and share of one core at fixed rates, per LIVE_VARIANTS: medians of ``repeat``."""
     rows = ["| backend | rate (frames/s) | exporter CPU per frame | share of one core | replays (share each) |",
             "|---|---|---|---|---|"]
-    for backend in backends:
-        for rate, runs in replays_at_rates(pcap, rates, repeat, backend).items():
+    for backend, flags in LIVE_VARIANTS.items():
+        for rate, runs in replays_at_rates(pcap, rates, repeat, flags).items():
             shares = [cpu / seconds for _sent, seconds, cpu in runs]
             micros = [cpu / sent * 1e6 for sent, _seconds, cpu in runs]
             achieved = statistics.median(sent / seconds for sent, seconds, _cpu in runs)
@@ -273,7 +281,8 @@ def cpu_per_frame(pcap: Path, frames: int, rates: Sequence[str], repeat: int,
                         f"{', '.join(f'{share:.0%}' for share in shares)} |")
     return rows + ["", "CPU per frame: the exporter's CPU time until idle again divided by the frames sent; "
                        "share: the same time divided by the replay's duration. af_packet: the TPACKET_V3 ring; "
-                       "libpcap: --capture-backend libpcap (as on macOS, the BSDs and Windows)."]
+                       "libpcap: --capture-backend libpcap (as on macOS, the BSDs and Windows). TCP health is on "
+                       "(the default) unless the row says otherwise."]
 
 
 def sustained(pcap: Path, frames: int, seconds: int) -> list[str]:

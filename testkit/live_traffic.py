@@ -144,7 +144,9 @@ def shared_frame_timestamps() -> Iterator[None]:
     Unless some socket asked for receive timestamps, the kernel stamps no frame and each packet
     socket reads the clock itself when the frame reaches it: two captures of one frame then differ
     by scheduling jitter, tens of microseconds under load, which round-trip comparisons cannot
-    tell from an error. One socket with SO_TIMESTAMPNS makes the kernel stamp each frame once.
+    tell from an error. One socket with SO_TIMESTAMPNS makes the kernel stamp each frame once --
+    except a frame that already carries a time: a TCP segment that crossed a veth from another
+    namespace keeps its sender's departure time, and every socket still reads the clock for it.
     """
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

@@ -25,13 +25,15 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         assert heading in text
     assert "| **ratio** |" in text and "GET /metrics" in text
     assert re.search(r"\| `summarize`, [\d,]+ worst-case frames .* \| [\d,]+ frames/s \|", text)
+    assert re.search(r"\| the same with `--tcp-health off` .* \| [\d,]+ frames/s \(TCP health costs [\d.]+x the time\) \|",
+                     text)
     assert re.search(r"\| \*\*`summarize` time / `tcpdump` time\*\* \| \*\*[\d.]+x\*\*", text)
     for pcap in ("friendly", "worst case"):
         assert re.search(rf"^\| {pcap}, [\d,]+ frames \| (n/a|[\d,]+ of [\d,]+ \([\d.]+%\)) \|$", text, re.M)
     if live_unavailable():
         return
     for rate in ("50,000", "100,000"):
-        for backend in ("af_packet", "libpcap"):
+        for backend in ("af_packet", "af_packet, --tcp-health off", "libpcap"):
             assert re.search(rf"^\| {backend} \| {rate} \([\d,]+ achieved\) \| \*\*[\d.]+ µs\*\* "
                              rf"\| \*\*\d+%\*\* \|", text, re.M)
     assert re.search(r"^\| [\d,]+ in [\d.]+ s \| [\d,]+ frames/s \| \d\.\d{4} \| [\d,]+ \([\d.]+%\) \| \d+% "

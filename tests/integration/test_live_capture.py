@@ -156,7 +156,12 @@ def test_live_tcp_health_equals_tshark_and_byte_ranges_of_tcpdumps_capture(live_
                          if name == "traffic_client_tcp_handshakes_total" and ("client", client) in labels)
         assert handshakes == len(rtts) > 0
         assert value("traffic_client_tcp_handshake_rtt_seconds_count") == len(rtts)
-        assert value("traffic_client_tcp_handshake_rtt_seconds_sum") == pytest.approx(sum(rtts), abs=2e-6 * len(rtts))
+        # A TCP segment crossing a veth keeps the sender's departure time (a monotonic stamp), so the
+        # kernel does not stamp it on arrival and each packet socket reads the clock as the frame
+        # reaches it: the exporter's and tcpdump's times of the client's ACK differ by a few us (up to
+        # ~20 us under load; measured with two tcpdumps). Exact round trips: test_tcp_health_live.py,
+        # whose forwarder sends every frame afresh.
+        assert value("traffic_client_tcp_handshake_rtt_seconds_sum") == pytest.approx(sum(rtts), abs=25e-6 * len(rtts))
 
 
 def test_live_counts_vlan_frames_with_the_tag_the_kernel_stripped(live_run):
