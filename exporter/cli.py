@@ -15,7 +15,6 @@ from .config import Config, ConfigError, serve_config, summarize_config
 from .frames import SourceError
 
 PROG = "traffic-exporter"
-SUMMARIZE_NAMES_SECONDS = 30.0  # summarize --resolve-names waits this long at most for names still asked for
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -50,7 +49,7 @@ def run_summarize(config: Config) -> int:
     """
     from .progress import progress_on
     from .startup import client_facts, counting, open_source
-    from .summarize import format_json, format_table, report, summarize
+    from .summarize import format_json, format_table, summarize
 
     facts = client_facts(config)
     capturing = open_source(config)
@@ -60,10 +59,7 @@ def run_summarize(config: Config) -> int:
     if facts.names is not None:
         facts.names.start()  # resolves while the file is counted
     try:
-        summary = summarize(capturing.source, counter, tally, progress, None if facts.names else known)
-        if facts.names is not None:
-            facts.names.wait_idle(SUMMARIZE_NAMES_SECONDS)
-            summary = report(tally, counter.labels, counter.servers, known)
+        summary = summarize(capturing.source, counter, tally, progress, known, facts.names)
     finally:
         if facts.names is not None:
             facts.names.stop()

@@ -11,12 +11,14 @@ from typing import Callable, Optional
 from .classify import ServerSet
 from .decode import decode_frame
 from .engine import FrameCounter
+from .names import NameResolver
 from .replay import PcapSource
 from .progress import Progress, human_bytes
 from .tally import RESULTS, Tally
 from .tcpflows import rtt_quantile, tcp_columns
 
 log = logging.getLogger(__name__)
+NAMES_WAIT_SECONDS = 30.0  # with --resolve-names, the wait at most for names still asked for
 
 GUESS_FRAMES = 10000
 
@@ -40,8 +42,11 @@ def most_frequent_address(source: PcapSource, frames: int = GUESS_FRAMES) -> Opt
 
 
 def summarize(source: PcapSource, counter: FrameCounter, tally: Tally, progress: Optional[Progress] = None,
-              client_facts: Optional[Callable[[str], dict]] = None) -> dict:
-    """Count every frame of ``source`` into ``tally`` and return the summary report; show ``progress`` per batch."""
+              client_facts: Optional[Callable[[str], dict]] = None, names: Optional[NameResolver] = None) -> dict:
+    """Count every frame of ``source`` into ``tally`` and return the summary report; show ``progress`` per batch.
+
+    With ``names`` (started), wait up to NAMES_WAIT_SECONDS for the names still asked for before reporting.
+    """
     slow = frames = 0
     try:
         for batch in source.batches(threading.Event()):
@@ -56,6 +61,8 @@ def summarize(source: PcapSource, counter: FrameCounter, tally: Tally, progress:
         if progress is not None:
             progress.clear()
     log.debug("slow path: %d of %d frames", slow, frames)
+    if names is not None:
+        names.wait_idle(NAMES_WAIT_SECONDS)
     return report(tally, counter.labels, counter.servers, client_facts)
 
 
