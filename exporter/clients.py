@@ -250,16 +250,11 @@ def concatenate(first: BatchCounts, second: BatchCounts) -> BatchCounts:
     """The rows of both; ignored frames and TCP table figures are the first's."""
     tcp = first.tcp
     if tcp is not None or second.tcp is not None:
-        parts = [part if part is not None else np.zeros((len(rows.family), tcp_width), np.int64)
-                 for part, rows, tcp_width in ((first.tcp, first, _tcp_width(first, second)),
-                                               (second.tcp, second, _tcp_width(first, second)))]
-        tcp = np.concatenate(parts)
+        width = (tcp if tcp is not None else second.tcp).shape[1]
+        tcp = np.concatenate([part if part is not None else np.zeros((len(rows.family), width), np.int64)
+                              for part, rows in ((first.tcp, first), (second.tcp, second))])
     return BatchCounts(*(np.concatenate([a, b]) for a, b in zip(first[:4], second[:4])),
                        {**first.ignored}, first.slow_frames + second.slow_frames, tcp, first.tcp_table)
-
-
-def _tcp_width(first: BatchCounts, second: BatchCounts) -> int:
-    return (first.tcp if first.tcp is not None else second.tcp).shape[1]
 
 
 def counts_from_mapping(sums: Mapping[tuple[bytes, str, str], Sequence[int]], labels: Sequence[str],

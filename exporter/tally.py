@@ -118,10 +118,10 @@ class Tally:
         self._evicted_detail: list[tuple[str, np.ndarray, Optional[np.ndarray]]] = []
         self._results = dict.fromkeys(RESULTS, 0)
         self._evictions = 0
-        self._tcp_width = tcp_columns(len(self.labels)).width
-        self._tcp = np.zeros((slots, self._tcp_width), np.int64) if max_tcp_flows is not None else None
+        self._tcp_columns = tcp_columns(len(self.labels))
+        self._tcp = np.zeros((slots, self._tcp_columns.width), np.int64) if max_tcp_flows is not None else None
         self._taken_tcp = None if self._tcp is None else np.zeros_like(self._tcp)  # at the last take_bucket
-        self._tcp_totals = np.zeros(self._tcp_width, np.int64)
+        self._tcp_totals = np.zeros(self._tcp_columns.width, np.int64)
         self._tcp_table = (0, 0, 0)
         self._last_expiry = clock()
 
@@ -165,14 +165,9 @@ class Tally:
     def _grow(self) -> None:
         old = len(self._keys)
         new = min(old * 2, self.max_clients + 1)
-        for name in ("_counts", "_taken"):
-            grown = np.zeros((new, *self._cell_shape), np.int64)
-            grown[:old] = getattr(self, name)
-            setattr(self, name, grown)
-        self._last_seen = np.concatenate([self._last_seen, np.zeros(new - old)])
-        if self._tcp is not None:
-            self._tcp = np.concatenate([self._tcp, np.zeros((new - old, self._tcp_width), np.int64)])
-            self._taken_tcp = np.concatenate([self._taken_tcp, np.zeros((new - old, self._tcp_width), np.int64)])
+        for name in ("_counts", "_taken", "_last_seen") + (("_tcp", "_taken_tcp") if self._tcp is not None else ()):
+            rows = getattr(self, name)
+            setattr(self, name, np.concatenate([rows, np.zeros((new - old, *rows.shape[1:]), rows.dtype)]))
         self._keys += [None] * (new - old)
         self._names += [""] * (new - old)
         self._free = list(range(new - 1, old - 1, -1))
@@ -234,7 +229,7 @@ class Tally:
                     extra_tcp.append(health)
             counts = np.concatenate([counts, np.array(extra, np.int64).reshape(-1, *self._cell_shape[1:])])
             if tcp is not None:
-                tcp = np.concatenate([tcp, np.array(extra_tcp, np.int64).reshape(-1, self._tcp_width)])
+                tcp = np.concatenate([tcp, np.array(extra_tcp, np.int64).reshape(-1, self._tcp_columns.width)])
         return Bucket(totals, names, counts, None if tcp is None else window_health(tcp, len(self.labels)))
 
     def snapshot(self) -> TallySnapshot:
@@ -269,7 +264,7 @@ class Tally:
 
     def _health(self, row: np.ndarray) -> dict:
         """One TCP health row as named counters (the column layout may change between versions)."""
-        columns = tcp_columns(len(self.labels))
+        columns = self._tcp_columns
         pair = lambda first: [int(row[first]), int(row[first + 1])]  # noqa: E731
         return {"handshakes": {label: int(row[columns.handshakes + index]) for index, label in enumerate(self.labels)
                                if row[columns.handshakes + index]},
@@ -279,7 +274,7 @@ class Tally:
 
     def _health_row(self, saved: object) -> np.ndarray:
         """The row ``_health`` saved; ValueError on any other shape or value."""
-        columns = tcp_columns(len(self.labels))
+        columns = self._tcp_columns
         if not isinstance(saved, dict) or set(saved) != {"handshakes", "rtt_buckets", "rtt_sum_ns", "segments",
                                                          "retransmitted", "resets"}:
             raise ValueError("bad TCP health counters")
