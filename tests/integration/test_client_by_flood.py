@@ -2,14 +2,13 @@
 import ipaddress
 import shutil
 import subprocess
-import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from testkit.process import get, running_exporter
+from testkit.process import running_exporter
 from tests.geoip_databases import true_record, write_database
-from tests.integration.test_flood import FRAMES, RSS_LIMIT_KIB, peak_rss_kib, write_flood_pcap
+from tests.integration.test_flood import (FRAMES, RSS_LIMIT_KIB, frames_read, metrics_once_read, peak_rss_kib,
+                                         write_flood_pcap)
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +33,9 @@ def test_a_million_addresses_by_asn_give_exact_per_as_series_in_bounded_memory(t
     args = ["--pcap", str(pcap), "--server-ip", "192.0.2.1", "--geoip-db", str(database), "--client-by", "asn",
             "--log-level", "warning"]
     with running_exporter(args) as (base, process):
-        deadline = time.monotonic() + 120
-        while True:
-            text = get(base + "/metrics").decode()
-            families = {f.name: f for f in text_string_to_metric_families(text)}
-            counted = sum(s.value for s in families["traffic_exporter_packets"].samples)
-            if counted >= FRAMES or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        families, text = metrics_once_read(base, FRAMES)
         rss = peak_rss_kib(process.pid)
-    assert counted == FRAMES
+    assert frames_read(families) == FRAMES
     by_client: dict[str, float] = {}
     for sample in families["traffic_client_bytes"].samples:
         by_client[sample.labels["client"]] = by_client.get(sample.labels["client"], 0) + sample.value
