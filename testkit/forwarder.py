@@ -283,15 +283,9 @@ class ForwardedPair(NamespacePair):
             netns._remove_namespace(self.middle_ns)
 
 
-@contextlib.contextmanager
-def forwarded_pair() -> Iterator[ForwardedPair]:
+def forwarded_pair() -> contextlib.AbstractContextManager[ForwardedPair]:
     """Create the three namespaces; remove them (and what runs in them) on exit, even on failure."""
-    pair = ForwardedPair()
-    try:
-        pair.create()
-        yield pair
-    finally:
-        pair.destroy()
+    return netns.namespace_pair(ForwardedPair)
 
 
 class Forwarder:

@@ -158,9 +158,9 @@ class NamespacePair:
 
 
 @contextlib.contextmanager
-def namespace_pair() -> Iterator[NamespacePair]:
-    """Create a namespace pair; remove both namespaces (and what runs in them) on exit, even on failure."""
-    pair = NamespacePair()
+def namespace_pair(kind: type[NamespacePair] = NamespacePair) -> Iterator[NamespacePair]:
+    """Create a namespace pair (of ``kind``); remove its namespaces (and what runs in them) on exit, even on failure."""
+    pair = kind()
     try:
         pair.create()
         yield pair
