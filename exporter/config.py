@@ -107,18 +107,19 @@ def _on_off(text: str) -> bool:
     return lowered == "on"
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    """The non-empty comma-separated parts of ``text``, stripped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _server_ips(text: str) -> tuple[str, ...]:
-    specs = tuple(part.strip() for part in text.split(",") if part.strip())
+    specs = _comma_list(text)
     for spec in specs:
         try:
             ipaddress.ip_network(spec, strict=False)
         except ValueError:
             raise ValueError("expected IP addresses or CIDR networks, comma-separated") from None
     return specs
-
-
-def _paths(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -192,7 +193,7 @@ SERVE_OPTIONS: list[tuple[str, tuple[str, ...], Callable[[str], Any], str]] = [
      "close an HTTP connection after this many seconds without a request"),
     ("user", ("--user",), _user,
      "after opening the capture socket, switch to this user, keeping only CAP_NET_RAW (like tcpdump -Z)"),
-    ("geoip_db", ("--geoip-db",), _paths,
+    ("geoip_db", ("--geoip-db",), _comma_list,
      "MaxMind-format ASN and/or country database (GeoLite2, DB-IP); repeatable or comma-separated"),
     ("client_by", ("--client-by",), _choice(CLIENT_BY),
      "what a client is: its address (ip), its AS (asn) or its country (country), from --geoip-db"),
@@ -331,5 +332,5 @@ def _to_config(values: dict[str, Any]) -> Config:
     if "listen" in values:
         values["listen_host"], values["listen_port"] = values.pop("listen")
     if "cors_origin" in values:
-        values["cors_origins"] = tuple(o.strip() for o in values.pop("cors_origin").split(",") if o.strip()) or ("*",)
+        values["cors_origins"] = _comma_list(values.pop("cors_origin")) or ("*",)
     return Config(**values)
