@@ -101,10 +101,6 @@ class GeoDatabases:
     def cached(self) -> int:
         return len(self._cache)
 
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-
 
 def _asn(value: object) -> Optional[int]:
     return value if type(value) is int and 0 <= value < 2 ** 32 else None
