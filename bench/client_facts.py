@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -92,7 +91,7 @@ def main() -> None:
     if args.inside:
         print(json.dumps(measure(args.inside[0], args.inside[1], args.rounds, args.frames)))
         return
-    from testkit.netns import namespace_pair
+    from testkit.netns import namespace_hosts, namespace_pair
     from tests.geoip_databases import write_database
 
     with tempfile.TemporaryDirectory(prefix="bench-client-facts-") as directory, namespace_pair() as pair:
@@ -100,20 +99,12 @@ def main() -> None:
         write_worst_case_pcap(str(pcap), args.frames)
         dbs = ",".join(str(write_database(Path(directory) / name, records, kind)) for name, records, kind in (
             ("asn.mmdb", ASNS, "GeoLite2-ASN"), ("country.mmdb", COUNTRIES, "GeoLite2-Country")))
-        netns = Path("/etc/netns")
-        made = not netns.exists()
-        (netns / pair.server_ns).mkdir(parents=True)
-        try:
-            (netns / pair.server_ns / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
-                f"{client_address(i, CLIENTS)} client-{i}.bench.test\n" for i in range(CLIENTS)))
-            (netns / pair.server_ns / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{client_address(i, CLIENTS)} client-{i}.bench.test\n"
+                                                   for i in range(CLIENTS))
+        with namespace_hosts(pair.server_ns, hosts):
             result = subprocess.run(pair.server_command(
                 sys.executable, "-m", "bench.client_facts", "--frames", str(args.frames), "--rounds", str(args.rounds),
                 "--inside", str(pcap), dbs), cwd=ROOT, capture_output=True, text=True, check=True)
-        finally:
-            shutil.rmtree(netns / pair.server_ns)
-            if made:
-                shutil.rmtree(netns, ignore_errors=True)
     medians = json.loads(result.stdout)
     print(f"worst case, {args.frames:,} frames, median of {args.rounds} (CPU per frame, ns):")
     for measure_name, values in medians.items():

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 SERVER_LINK = "te-srv0"
@@ -166,3 +167,24 @@ def namespace_pair(kind: type[NamespacePair] = NamespacePair) -> Iterator[Namesp
         yield pair
     finally:
         pair.destroy()
+
+
+@contextlib.contextmanager
+def namespace_hosts(namespace: str, hosts: str) -> Iterator[None]:
+    """``hosts`` as the namespace's /etc/hosts, and a resolver at 127.0.0.1 (so no query leaves it), while held.
+
+    ``ip netns exec`` binds /etc/netns/NAME/hosts and resolv.conf over /etc's; both are removed on exit
+    (and /etc/netns itself if it was made here).
+    """
+    parent = Path("/etc/netns")
+    made_parent = not parent.exists()
+    directory = parent / namespace
+    directory.mkdir(parents=True)
+    try:
+        (directory / "hosts").write_text(hosts)
+        (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if made_parent:
+            shutil.rmtree(parent, ignore_errors=True)

@@ -4,14 +4,11 @@
 the test's, the machine's files stay untouched, and no query leaves the namespace (its resolv.conf
 points at 127.0.0.1, where nothing answers; it has no route out either).
 """
-import contextlib
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +17,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
-from testkit.netns import namespace_pair, netns_unavailable_reason
+from testkit.netns import namespace_hosts, namespace_pair, netns_unavailable_reason
 from testkit.process import terminate
 from tests.builders import MACS
 
@@ -35,22 +32,6 @@ RATE = 20
 
 def flood_address(index: int) -> str:
     return f"10.77.{index // 250}.{index % 250 + 1}"
-
-
-@contextlib.contextmanager
-def namespace_files(namespace: str, hosts: str):
-    parent = Path("/etc/netns")
-    made_parent = not parent.exists()
-    directory = parent / namespace
-    directory.mkdir(parents=True)
-    try:
-        (directory / "hosts").write_text(hosts)
-        (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        yield
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-        if made_parent:
-            shutil.rmtree(parent, ignore_errors=True)
 
 
 def fetch(pair, url: str) -> str:
@@ -69,7 +50,7 @@ def test_names_come_from_the_namespaces_hosts_file_at_the_configured_rate(tmp_pa
     hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in NAMED.items())
     hosts += "".join(f"{flood_address(i)} flood-{i}.example.test\n" for i in range(FLOOD))
     port = 18000 + int(time.time()) % 1000
-    with namespace_pair() as pair, namespace_files(pair.server_ns, hosts), tempfile.TemporaryFile() as output:
+    with namespace_pair() as pair, namespace_hosts(pair.server_ns, hosts), tempfile.TemporaryFile() as output:
         process = subprocess.Popen(pair.server_command(
             sys.executable, "-m", "exporter", "--pcap", str(pcap), "--server-ip", "192.0.2.1,2001:db8::1",
             "--resolve-names", "--resolve-rate", str(RATE), "--max-clients", "1000",
@@ -111,7 +92,7 @@ def test_summarize_prints_the_names_of_the_namespaces_hosts_file(tmp_path):
                        Ether(**MACS) / IP(src=UNNAMED, dst="192.0.2.1") / UDP(sport=5000, dport=53),
                        Ether(**MACS) / IPv6(src="2001:db8::7", dst="2001:db8::1") / UDP(sport=5000, dport=53)])
     hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in NAMED.items())
-    with namespace_pair() as pair, namespace_files(pair.server_ns, hosts):
+    with namespace_pair() as pair, namespace_hosts(pair.server_ns, hosts):
         command = [sys.executable, "-m", "exporter", "summarize", str(pcap), "--server-ip", "192.0.2.1,2001:db8::1",
                    "--resolve-names", "--resolve-rate", "100"]
         result = pair.server(*command, "--format", "json", timeout=60)
