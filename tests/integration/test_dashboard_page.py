@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements.txt)")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,10 +48,17 @@ T = TypeVar("T")
 
 
 def wait_for(probe: Callable[[], T], what: str, timeout: float = WAIT_SECONDS) -> T:
-    """Call ``probe`` until it returns something true; fail naming ``what`` after ``timeout`` seconds."""
+    """Call ``probe`` until it returns something true; fail naming ``what`` after ``timeout`` seconds.
+
+    The page redraws its tables every second, so an element found by one call may be gone by the next:
+    a probe that meets such a stale element just tries again.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        value = probe()
+        try:
+            value = probe()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -164,7 +172,9 @@ def test_dashboard_shows_tcp_health_columns_as_traffic_reports_them(exporter, br
 def test_dashboard_draws_the_throughput_chart_and_protocol_bars(browser, dashboard):
     assert series_pixels(browser) > 100
     assert browser.find_element(By.ID, "throughput-empty").get_attribute("hidden") is not None
-    names = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#protocols .name")]
+    # read in one script: the bars are redrawn every second, so found elements may go stale
+    names = browser.execute_script(
+        "return [...document.querySelectorAll('#protocols .name')].map(cell => cell.textContent)")
     assert sorted(names) == sorted(["HTTP", "HTTPS", "FTP", "SSH", "DNS", "OTHER"])
     assert browser.find_element(By.ID, "servers").text == "192.0.2.10, 2001:db8::10"
     assert browser.find_element(By.ID, "capture-state").text == "replaying"
