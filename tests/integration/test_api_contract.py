@@ -68,12 +68,18 @@ def exporter(pcap: Path, server_ip: str, speed: str = "max") -> Iterator[str]:
 
 
 def wait_for_replay_in_history(base: str, timeout: float = 60.0) -> None:
-    """Wait until the replay has ended and a tick has moved its last frames into the history."""
+    """Wait until the replay has ended, ticks have moved all its bytes into the history and an idle second follows."""
     deadline = time.monotonic() + timeout
     while get_json(base, "/")["capture"]["running"]:
         assert time.monotonic() < deadline, "replay did not finish"
         time.sleep(0.2)
-    time.sleep(2.2)
+    counted = metrics_bytes_total(base)
+    while True:
+        buckets = get_json(base, "/traffic_history?seconds=300")["buckets"]
+        if buckets and buckets[-1]["total"] == 0 and sum(bucket["total"] for bucket in buckets) == counted:
+            return
+        assert time.monotonic() < deadline, f"the history never held the {counted} bytes counted"
+        time.sleep(0.2)
 
 
 def assert_contiguous(buckets: list[dict]) -> None:

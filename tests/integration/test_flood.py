@@ -66,6 +66,16 @@ def peak_rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
+def traffic_once_in_history(base: str, total: int, timeout: float = 30) -> dict:
+    """/traffic once history ticks have taken ``total`` bytes (the last second's tick may still be due), or at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = json.loads(get(base + "/traffic?limit=1000&seconds=300"))
+        if sum(c["total"] for c in body["clients"]) >= total or time.monotonic() > deadline:
+            return body
+        time.sleep(0.25)
+
+
 def test_one_million_addresses_stay_bounded(tmp_path):
     pcap = tmp_path / "flood.pcap"
     total = write_flood_pcap(pcap)
@@ -73,8 +83,7 @@ def test_one_million_addresses_stay_bounded(tmp_path):
             "--log-level", "warning"]
     with running_exporter(args) as (base, process):
         families, _ = metrics_once_read(base, FRAMES)
-        time.sleep(1.5)  # let the history tick take the last second
-        traffic = get(base + "/traffic?limit=1000&seconds=300")
+        body = traffic_once_in_history(base, total)
         rss = peak_rss_kib(process.pid)
     assert frames_read(families) == FRAMES
     byte_series = families["traffic_client_bytes"].samples
@@ -83,7 +92,6 @@ def test_one_million_addresses_stay_bounded(tmp_path):
     assert sum(s.value for s in byte_series) == total
     tracked = families["traffic_exporter_tracked_clients"].samples[0].value
     assert tracked == MAX_CLIENTS
-    body = json.loads(traffic)
     assert len(body["clients"]) <= MAX_CLIENTS + 1
     assert sum(c["total"] for c in body["clients"]) == total
     assert rss < RSS_LIMIT_KIB, f"peak RSS {rss / 1024:.0f} MiB"

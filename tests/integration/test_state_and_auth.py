@@ -31,20 +31,31 @@ def wait_for_bytes(base, expected, timeout=20):
         time.sleep(0.1)
 
 
+def history_bytes(base):
+    return sum(bucket["total"] for bucket in json.loads(get(base + "/traffic_history?seconds=300"))["buckets"])
+
+
+def wait_for_history_bytes(base, expected, timeout=20):
+    """Wait until history ticks have moved ``expected`` bytes into the history."""
+    deadline = time.monotonic() + timeout
+    while history_bytes(base) < expected:
+        assert time.monotonic() < deadline, f"{history_bytes(base)} bytes in the history, expected {expected}"
+        time.sleep(0.1)
+
+
 def test_state_file_carries_counters_across_a_restart(tmp_path):
     state = tmp_path / "state.json"
     args = ["--pcap", str(AFS_PCAP), "--server-ip", AFS_SERVER, "--state-file", str(state)]
     with running_exporter(args) as (base, process):
         wait_for_bytes(base, EXPECTED_BYTES)
-        time.sleep(1.2)  # a history tick moves the replay into the history
+        wait_for_history_bytes(base, EXPECTED_BYTES)
         process.terminate()
         assert process.wait(5) == 0
     saved = json.loads(state.read_text())
     assert saved["format"] == "traffic-exporter-state" and saved["history"]
     with running_exporter(args) as (base, _):
         wait_for_bytes(base, 2 * EXPECTED_BYTES)  # restored counters plus a second replay
-        history = json.loads(get(base + "/traffic_history?seconds=300"))
-    assert sum(bucket["total"] for bucket in history["buckets"]) >= EXPECTED_BYTES
+        assert history_bytes(base) >= EXPECTED_BYTES
 
 
 def test_corrupt_state_file_means_a_fresh_start(tmp_path):
