@@ -6,6 +6,7 @@ the pair's own addresses.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
 import socket
@@ -117,21 +118,28 @@ print("done", flush=True)
 
 
 def wait_for_line(process: subprocess.Popen, stream, needle: str, timeout: float) -> str:
-    """Read ``stream`` until a line containing ``needle``; AssertionError after ``timeout`` or on exit."""
+    """Read ``stream`` until a line containing ``needle``; AssertionError after ``timeout`` or on exit.
+
+    Reads the pipe's descriptor, not the stream: select() cannot see lines a buffered reader already
+    holds, so after a readline() that buffered two lines at once it would wait for the second in vain.
+    """
+    descriptor = stream.fileno()
     deadline = time.monotonic() + timeout
-    seen = []
+    seen = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], 0.2)
+        ready, _, _ = select.select([descriptor], [], [], 0.2)
         if ready:
-            line = stream.readline()
-            if not line:
+            chunk = os.read(descriptor, 65536)
+            if not chunk:
                 break
-            seen.append(line)
-            if needle in line:
-                return line
+            seen += chunk
+            for line in seen.decode(errors="replace").splitlines(keepends=True):
+                if needle in line and line.endswith("\n"):
+                    return line
         elif process.poll() is not None:
             break
-    raise AssertionError(f"did not see {needle!r} within {timeout} s (exit {process.poll()}): {''.join(seen)}")
+    raise AssertionError(f"did not see {needle!r} within {timeout} s (exit {process.poll()}): "
+                         f"{seen.decode(errors='replace')}")
 
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not name it
