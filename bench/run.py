@@ -73,6 +73,15 @@ def summarize_times(one_frame: Path, pcap: Path, repeat: int, flags: Sequence[st
     return timed([*command, str(one_frame)], repeat), timed([*command, str(pcap)], repeat)
 
 
+def frames_per_second(frames: int, seconds: float) -> Optional[float]:
+    """``frames / seconds``, or None when start-up noise swallowed the counting (``seconds`` not positive)."""
+    return frames / seconds if seconds > 0 else None
+
+
+def rate_cell(rate: Optional[float]) -> str:
+    return f"{rate:,.0f} frames/s" if rate is not None else "not measurable: the run took no longer than start-up"
+
+
 def offline(pcap: Path, frames: int, baseline_frames: int, work: Path, repeat: int) -> list[str]:
     """Frames per second of `summarize` (start-up subtracted) and of the seed-style baseline."""
     one = work / "one.pcap"
@@ -80,17 +89,17 @@ def offline(pcap: Path, frames: int, baseline_frames: int, work: Path, repeat: i
     subset = work / "subset.pcap"
     write_pcap(str(subset), baseline_frames)
     startup, total = summarize_times(one, pcap, repeat)
-    ours = frames / (total - startup)
+    ours = frames_per_second(frames, total - startup)
     baseline_times = [float(subprocess.run([sys.executable, "-c", BASELINE, str(subset)], check=True,
                                            capture_output=True, text=True, timeout=3600).stdout)
                       for _ in range(repeat)]
     theirs = baseline_frames / statistics.median(baseline_times)
     return [
         "| measure | value |", "|---|---|",
-        f"| `summarize`, {frames:,} frames (start-up {startup:.2f} s subtracted) | {ours:,.0f} frames/s |",
+        f"| `summarize`, {frames:,} frames (start-up {startup:.2f} s subtracted) | {rate_cell(ours)} |",
         f"| seed-style `sniff(prn=...)` baseline, first {baseline_frames:,} frames of the same generator | "
         f"{theirs:,.0f} frames/s |",
-        f"| **ratio** | **{ours / theirs:.0f}x** (target >= 150x) |",
+        f"| **ratio** | **{f'{ours / theirs:.0f}x' if ours else 'n/a'}** (target >= 150x) |",
     ]
 
 
@@ -100,12 +109,13 @@ def offline_worst_case(pcap: Path, frames: int, work: Path, repeat: int) -> list
     write_worst_case_pcap(str(one), 1)
     startup, total = summarize_times(one, pcap, repeat)
     startup_off, total_off = summarize_times(one, pcap, repeat, ["--tcp-health", "off"])
+    on, off = total - startup, total_off - startup_off
+    cost = f"TCP health costs {on / off:.2f}x the time" if on > 0 and off > 0 else "TCP health's cost not measurable"
     rows = ["| measure | value |", "|---|---|",
             f"| `summarize`, {frames:,} worst-case frames (start-up {startup:.2f} s subtracted, median of {repeat}) "
-            f"| {frames / (total - startup):,.0f} frames/s |",
+            f"| {rate_cell(frames_per_second(frames, on))} |",
             f"| the same with `--tcp-health off` (start-up {startup_off:.2f} s subtracted) "
-            f"| {frames / (total_off - startup_off):,.0f} frames/s (TCP health costs "
-            f"{(total - startup) / (total_off - startup_off):.2f}x the time) |"]
+            f"| {rate_cell(frames_per_second(frames, off))} ({cost}) |"]
     if shutil.which("tcpdump") is None:
         return rows + ["| `tcpdump -r FILE -w /dev/null` | skipped: tcpdump is not installed |"]
     reference = timed(["tcpdump", "-r", str(pcap), "-w", "/dev/null"], repeat)
