@@ -25,6 +25,16 @@ from exporter.frames import FrameBatch
 LABELS = protocol_labels(DEFAULT_PORT_LABELS)
 
 
+class ManualClock:
+    """A monotonic clock the test moves by hand (``clock.now += seconds``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Frame(NamedTuple):
     """One frame, copied: its length on the wire and its captured bytes."""
 

@@ -44,6 +44,15 @@ def history(tally: Tally) -> Iterator[History]:
 
 
 @pytest.fixture
+def geo(tmp_path: Path):
+    """The example ASN and country databases (``tests/geoip_databases.py``), opened."""
+    from exporter.geoip import GeoDatabases
+    from tests.geoip_databases import write_example_databases
+
+    return GeoDatabases([str(path) for path in write_example_databases(tmp_path)])
+
+
+@pytest.fixture
 def write_pcap(tmp_path: Path) -> Callable[[str, list], Path]:
     """Write Scapy packets as a classic pcap (Scapy's writer) named ``name`` in the test's directory."""
     def write(name: str, packets: list) -> Path:

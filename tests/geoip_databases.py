@@ -44,6 +44,12 @@ def write_database(path: Path, records: Mapping[str, dict], database_type: str, 
     return path
 
 
+def write_example_databases(directory: Path) -> tuple[Path, Path]:
+    """The GeoLite2-style ASN and country databases of ASN_RECORDS and COUNTRY_RECORDS, in ``directory``."""
+    return (write_database(directory / "asn.mmdb", ASN_RECORDS, "GeoLite2-ASN"),
+            write_database(directory / "country.mmdb", COUNTRY_RECORDS, "GeoLite2-Country"))
+
+
 def true_record(records: Mapping[str, dict], address: str) -> Optional[dict]:
     """The record of the longest network holding ``address`` (the ground truth the test wrote)."""
     ip = ipaddress.ip_address(address)

@@ -12,28 +12,14 @@ from exporter.capture import CaptureStatus
 from exporter.client_info import ClientFacts
 from exporter.clients import ClientGrouping
 from exporter.collector import TrafficCollector, build_registry
-from exporter.geoip import ASN, COUNTRY, GeoDatabases
+from exporter.geoip import ASN, COUNTRY
 from exporter.grouping import AttributeGrouping
 from exporter.names import NameResolver
 from exporter.tally import Tally
-from tests.builders import LABELS, batch_counts
-from tests.geoip_databases import ASN_RECORDS, COUNTRY_RECORDS, true_asn, true_country, true_org, write_database
+from tests.builders import LABELS, ManualClock, batch_counts
+from tests.geoip_databases import true_asn, true_country, true_org
 
 CLIENTS = ("198.51.100.200", "203.0.113.5", "2001:db8:1::9", "100.64.9.9", "192.0.2.77")
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def geo(tmp_path):
-    return GeoDatabases([str(write_database(tmp_path / "asn.mmdb", ASN_RECORDS, "GeoLite2-ASN")),
-                         str(write_database(tmp_path / "country.mmdb", COUNTRY_RECORDS, "GeoLite2-Country"))])
 
 
 def resolved_names(answers: dict) -> NameResolver:
@@ -62,7 +48,7 @@ def collector_registry(tally, facts) -> CollectorRegistry:
 
 def test_info_labels_come_from_the_databases_and_the_resolver(geo):
     names = {"198.51.100.200": "host.example.net", "2001:db8:1::9": "six.example.org"}
-    clock = Clock()
+    clock = ManualClock()
     tally = Tally(labels=LABELS, clock=clock, client_idle_seconds=60)
     tally.record(batch_counts({(client, "in", "HTTP"): (100, 1) for client in CLIENTS}))
     found = info_series(collector_registry(tally, ClientFacts(ClientGrouping(), geo, resolved_names(names))))

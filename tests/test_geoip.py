@@ -9,13 +9,12 @@ import pytest
 
 from exporter.geoip import ASN, COUNTRY, GeoDatabases, GeoipError, Place, database_kind
 from tests.geoip_databases import (ASN_RECORDS, COUNTRY_RECORDS, true_asn, true_country, true_org,
-                                   write_database)
+                                   write_database, write_example_databases)
 
 
 @pytest.fixture
 def databases(tmp_path):
-    return (write_database(tmp_path / "asn.mmdb", ASN_RECORDS, "GeoLite2-ASN"),
-            write_database(tmp_path / "country.mmdb", COUNTRY_RECORDS, "GeoLite2-Country"))
+    return write_example_databases(tmp_path)
 
 
 def sample_addresses(rng: random.Random, count: int) -> list[str]:

@@ -12,19 +12,13 @@ from scapy.packet import Raw
 
 from exporter.classify import ServerSet
 from exporter.clients import ClientGrouping
-from exporter.geoip import ASN, COUNTRY, GeoDatabases
+from exporter.geoip import ASN, COUNTRY
 from exporter.grouping import FAMILY_AS, FAMILY_COUNTRY, AttributeGrouping
 from exporter.tally import Tally
 from tests.builders import LABELS, MACS, count_frames, frame_of
-from tests.geoip_databases import ASN_RECORDS, COUNTRY_RECORDS, true_asn, true_country, write_database
+from tests.geoip_databases import ASN_RECORDS, COUNTRY_RECORDS, true_asn, true_country
 
 SERVER_V4, SERVER_V6 = "100.64.0.1", "fd99::1"  # in no network of the databases
-
-
-@pytest.fixture
-def geo(tmp_path):
-    return GeoDatabases([str(write_database(tmp_path / "asn.mmdb", ASN_RECORDS, "GeoLite2-ASN")),
-                         str(write_database(tmp_path / "country.mmdb", COUNTRY_RECORDS, "GeoLite2-Country"))])
 
 
 def client_pool(rng: random.Random) -> list[str]:

@@ -6,14 +6,7 @@ import time
 import tracemalloc
 
 from exporter.names import MAX_NAME_LENGTH, NameResolver, RateLimit
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.builders import ManualClock
 
 
 class Counting:
@@ -93,7 +86,7 @@ def test_queries_in_flight_never_exceed_the_workers():
 
 
 def test_answers_are_cached_with_positive_and_negative_ttls():
-    clock = Clock()
+    clock = ManualClock()
     answers = {"192.0.2.1": "one.example"}
     resolver = NameResolver(1000, resolve=answers.get, clock=clock, positive_ttl=100, negative_ttl=10)
     resolver._limit = RateLimit(1000)  # real time for the pacing, the fake clock for the TTLs

@@ -25,7 +25,7 @@ from exporter.decode import LINKTYPE_ETHERNET
 from exporter.progress import (CLEAR_LINE, PROGRESS_AFTER_SECONDS, PROGRESS_EVERY_SECONDS, Progress, progress_line,
                                progress_on)
 from exporter.replay import PcapSource
-from tests.builders import AFS_PCAP
+from tests.builders import AFS_PCAP, ManualClock
 from tests.capture_files import Pcapng, pcap_header, udp_frames
 
 SUMMARIZE = [sys.executable, "-m", "exporter", "summarize"]
@@ -34,16 +34,6 @@ LONG_SECONDS = 2.0  # a run this long shows several progress updates
 MAX_COPIES = 40  # of 200,000 worst-case frames: 3.4 GB at most
 # One update: back to the start of the line, erase it, the counts.
 UPDATE = re.compile(re.escape(CLEAR_LINE) + r"([\d,]+) frames  ([^\r\x1b]*)")
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_file_line_shows_frames_bytes_share_time_left_and_rates():
@@ -58,7 +48,7 @@ def test_a_stream_line_has_no_share_and_no_time_left():
 
 
 def test_nothing_shows_before_a_second_then_a_few_updates_a_second_then_the_line_is_erased():
-    terminal, clock = io.StringIO(), Clock()
+    terminal, clock = io.StringIO(), ManualClock()
     progress = Progress(terminal, 1000, clock)
     clock.now += PROGRESS_AFTER_SECONDS - 0.01
     progress.update(10, 100)
@@ -78,7 +68,7 @@ def test_nothing_shows_before_a_second_then_a_few_updates_a_second_then_the_line
 
 
 def test_work_done_within_a_second_leaves_nothing_on_the_terminal():
-    terminal, clock = io.StringIO(), Clock()
+    terminal, clock = io.StringIO(), ManualClock()
     progress = Progress(terminal, None, clock)
     progress.update(5, 50)
     progress.clear()

@@ -6,16 +6,8 @@ from hypothesis import strategies as st
 
 from exporter.clients import ClientGrouping
 from exporter.tally import DEFAULT_CLIENT_IDLE_SECONDS, OTHER_CLIENT, Tally
-from tests.builders import batch_counts
+from tests.builders import ManualClock, batch_counts
 from tests.tcp_traffic import tcp_health_tally
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def packed(address):
@@ -47,7 +39,7 @@ def test_clients_beyond_the_cap_count_as_other():
 
 
 def test_evicted_clients_series_end_and_nothing_moves_to_other():
-    clock = FakeClock()
+    clock = ManualClock()
     tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
     tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5)))
     clock.now += 61
@@ -63,7 +55,7 @@ def test_evicted_clients_series_end_and_nothing_moves_to_other():
 
 
 def test_other_counts_only_clients_never_admitted():
-    clock = FakeClock()
+    clock = ManualClock()
     tally = Tally(max_clients=1, client_idle_seconds=60, clock=clock)
     tally.record(batch(("198.51.100.1", "in", "HTTP", 500, 5), ("198.51.100.2", "in", "HTTP", 30, 1)))
     assert tally.snapshot().series[(OTHER_CLIENT, "in", "HTTP")] == (30, 1)
@@ -76,7 +68,7 @@ def test_other_counts_only_clients_never_admitted():
 
 
 def test_expire_without_traffic_evicts():
-    clock = FakeClock()
+    clock = ManualClock()
     tally = Tally(client_idle_seconds=5, clock=clock)
     tally.record(batch(("198.51.100.1", "in", "HTTP", 5, 1)))
     clock.now += 6
@@ -106,7 +98,7 @@ def test_take_bucket_returns_traffic_since_previous_call():
 
 
 def test_a_client_evicted_within_the_second_keeps_its_bytes_in_the_bucket():
-    clock = FakeClock()
+    clock = ManualClock()
     tally = Tally(client_idle_seconds=5, clock=clock)
     tally.take_bucket()
     tally.record(batch(("198.51.100.7", "in", "HTTP", 100, 2)))
@@ -144,7 +136,7 @@ def prometheus_increase(previous: dict, current: dict) -> int:
 @settings(max_examples=200, deadline=None)
 @given(stream=streams, max_clients=st.integers(0, 10), idle=st.integers(1, 50))
 def test_invariants_hold_for_random_streams(stream, max_clients, idle):
-    clock = FakeClock()
+    clock = ManualClock()
     tally = Tally(max_clients=max_clients, client_idle_seconds=idle, clock=clock)
     total = increase = 0
     previous = tally.snapshot()
